@@ -1,0 +1,193 @@
+"""Attention masks and the Gemma 4 attention layer.
+
+Queries are not scaled by `head_dim**-0.5`: the RMS-normalised queries and
+keys (QK-norm) replace that scaling. There is no attention-logit soft-cap.
+"""
+
+from __future__ import annotations
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma4_jax import layers
+from gemma4_jax.config import GLOBAL, Gemma4Config
+
+# Masked logits get a large finite negative value rather than -inf, so that a
+# row with no visible key (a padding query) gives a uniform softmax, not NaN.
+MASK_VALUE = -2.3819763e38
+
+
+def positions_from_mask(input_mask: jax.Array) -> jax.Array:
+  """Positions [B, T] counting only the valid tokens of `input_mask` [B, T].
+
+  Valid tokens get 0, 1, 2, ...; padding gets the position of the valid token
+  before it (its value does not matter, it is masked everywhere).
+  """
+  counts = jnp.cumsum(input_mask.astype(jnp.int32), axis=-1)
+  return jnp.maximum(counts - 1, 0)
+
+
+def causal_mask(
+    input_mask: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
+  """Mask [B, T, T]: query t sees valid keys s <= t (of its own segment)."""
+  length = input_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  mask = causal[None] & input_mask[:, None, :].astype(jnp.bool_)
+  if segment_ids is not None:
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  return mask
+
+
+def sliding_window_mask(
+    query_positions: jax.Array, key_positions: jax.Array, window: int
+) -> jax.Array:
+  """Mask [B, T, S] of keys with `|query_pos - key_pos| < window`."""
+  delta = key_positions[:, None, :] - query_positions[:, :, None]
+  return (delta > -window) & (delta < window)
+
+
+def attend(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+  """Grouped-query attention.
+
+  Args:
+    queries: [B, T, N, H].
+    keys: [B, S, K, H], with N a multiple of K.
+    values: [B, S, K, H].
+    mask: [B, T, S], True where query t may attend to key s.
+
+  Returns:
+    [B, T, N, H], in the dtype of `values`.
+  """
+  batch, length, num_heads, head_dim = queries.shape
+  num_kv_heads = keys.shape[2]
+  groups = num_heads // num_kv_heads
+  queries = queries.reshape(batch, length, num_kv_heads, groups, head_dim)
+
+  logits = jnp.einsum('BTKGH,BSKH->BTKGS', queries, keys)
+  logits = jnp.where(mask[:, :, None, None, :], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  probs = probs.astype(values.dtype)
+
+  encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, values)
+  return encoded.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+  """Self-attention of decoder layer `layer`, local (sliding) or global.
+
+  Global layers have `global_head_dim`-wide heads, their own KV-head count,
+  partial RoPE and, when `k_eq_v_global`, one projection `k_einsum` whose
+  output serves as both keys and values (before their different norms).
+  """
+
+  config: Gemma4Config
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    embed_dim = cfg.embed_dim
+    self.head_dim = cfg.layer_head_dim(self.layer)
+    self.num_kv_heads = cfg.layer_num_kv_heads(self.layer)
+    self.k_eq_v = cfg.layer_k_eq_v(self.layer)
+    self.is_global = cfg.layer_kinds[self.layer] == GLOBAL
+
+    self.q_einsum = layers.Einsum(
+        (cfg.num_heads, embed_dim, self.head_dim),
+        init_stddev=embed_dim**-0.5,
+        dtype=self.dtype,
+    )
+    if self.k_eq_v:
+      self.k_einsum = layers.Einsum(
+          (self.num_kv_heads, embed_dim, self.head_dim),
+          init_stddev=embed_dim**-0.5,
+          dtype=self.dtype,
+      )
+    else:
+      self.kv_einsum = layers.Einsum(
+          (2, self.num_kv_heads, embed_dim, self.head_dim),
+          init_stddev=embed_dim**-0.5,
+          dtype=self.dtype,
+      )
+    self.attn_vec_einsum = layers.Einsum(
+        (cfg.num_heads, self.head_dim, embed_dim),
+        init_stddev=(cfg.num_heads * self.head_dim) ** -0.5,
+        dtype=self.dtype,
+    )
+    self.query_norm = layers.RMSNorm(dtype=self.dtype)
+    self.key_norm = layers.RMSNorm(dtype=self.dtype)
+
+  def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.config
+    if self.is_global:
+      base, proportion = cfg.global_rope_base, cfg.global_rope_proportion
+    else:
+      base, proportion = cfg.local_rope_base, cfg.local_rope_proportion
+    return layers.apply_rope(
+        x, positions, base_frequency=base, rope_proportion=proportion
+    )
+
+  def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Normalised, rotated queries [B, T, N, H] of `x` [B, T, D]."""
+    q = self.q_einsum('BTD,NDH->BTNH', x)
+    return self.rope(self.query_norm(q), positions)
+
+  def keys_values(
+      self, x: jax.Array, positions: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """Keys (normalised, rotated) and values (normalised) [B, S, K, H]."""
+    if self.k_eq_v:
+      k = v = self.k_einsum('BSD,KDH->BSKH', x)
+    else:
+      k, v = self.kv_einsum('BSD,CKDH->CBSKH', x)
+    k = self.rope(self.key_norm(k), positions)
+    v = layers.rms_norm(v)
+    return k, v
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      mask: jax.Array,
+      shared_kv: tuple[jax.Array, jax.Array] | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attend from `x` [B, T, D] to its own keys or to `shared_kv`.
+
+    Args:
+      x: Normalised block input [B, T, D].
+      positions: Token positions [B, T].
+      mask: [B, T, S] visibility before the sliding window is applied; local
+        layers add the window here.
+      shared_kv: Keys and values [B, S, K, H] of the layer this one shares
+        with (KV-shared layers), or None to compute its own.
+
+    Returns:
+      The attention output [B, T, D] and the (keys, values) it used.
+    """
+    q = self.queries(x, positions)
+
+    if shared_kv is None:
+      k, v = self.keys_values(x, positions)
+    else:
+      k, v = shared_kv
+      if self.is_initializing():
+        # KV-shared layers never use their own projection, but the released
+        # checkpoints hold it, so it must exist in the parameter tree.
+        self.keys_values(x, positions)
+
+    if not self.is_global:
+      # Keys of a shared source sit at the same positions as the queries.
+      mask = mask & sliding_window_mask(
+          positions, positions, self.config.sliding_window
+      )
+
+    encoded = attend(q, k, v, mask)
+    out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded)
+    return out, (k, v)

@@ -1,0 +1,289 @@
+"""The Gemma 4 text decoder: embedder with per-layer embeddings, blocks, logits.
+
+`Transformer(config=..., dtype=...)` is a Flax linen module whose parameter
+tree is the released (NESTED) tree, so released checkpoints load without any
+renaming. It is a pure function of (params, tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma4_jax import attention as attention_lib
+from gemma4_jax import layers
+from gemma4_jax import moe as moe_lib
+from gemma4_jax.config import Gemma4Config
+
+
+@flax.struct.dataclass
+class Output:
+  """Decoder outputs.
+
+  Attributes:
+    logits: [B, T, V] soft-capped logits, or None when not requested.
+    hidden_states: [B, T, D] final-normed hidden states, or None.
+  """
+
+  logits: jax.Array | None
+  hidden_states: jax.Array | None
+
+
+class Embedder(nn.Module):
+  """Token embedding (tied to the output projection) and per-layer inputs."""
+
+  config: Gemma4Config
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.input_embedding = self.param(
+        'input_embedding',
+        layers.normal_init(cfg.embed_dim**-0.5),
+        (cfg.vocab_size, cfg.embed_dim),
+        self.dtype,
+    )
+    if cfg.per_layer_input_dim:
+      self.per_layer_embeddings = self.param(
+          'per_layer_embeddings',
+          layers.normal_init(cfg.per_layer_input_dim**-0.5),
+          (cfg.vocab_size, cfg.num_layers, cfg.per_layer_input_dim),
+          self.dtype,
+      )
+      self.per_layer_model_projection = layers.Einsum(
+          (cfg.embed_dim, cfg.num_layers, cfg.per_layer_input_dim),
+          init_stddev=1.0,
+          w_scale=cfg.embed_dim**-0.5,
+          dtype=self.dtype,
+      )
+      self.per_layer_projection_norm = layers.RMSNorm(dtype=self.dtype)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """Embeddings [B, T, D] of `tokens` [B, T], times `sqrt(D)`."""
+    x = self.input_embedding[tokens]
+    return x * jnp.sqrt(self.config.embed_dim).astype(x.dtype)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """Logits [B, T, V] of hidden states `x` [B, T, D] (tied weights)."""
+    return jnp.einsum('BTD,VD->BTV', x, self.input_embedding)
+
+  def per_layer_inputs(self, x: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Per-layer inputs [B, T, L, P] from embeddings `x` and `tokens`.
+
+    The average of a projection of the token embedding and a per-token
+    look-up; ids outside the text vocabulary read row 0 of the table.
+    """
+    cfg = self.config
+    projected = self.per_layer_model_projection('BTD,DLP->BTLP', x)
+    projected = self.per_layer_projection_norm(projected)
+
+    in_vocab = (tokens >= 0) & (tokens < cfg.vocab_size)
+    table_ids = jnp.where(in_vocab, tokens, 0)
+    looked_up = self.per_layer_embeddings[table_ids]  # [B, T, L, P]
+    looked_up = looked_up * jnp.sqrt(cfg.per_layer_input_dim).astype(
+        looked_up.dtype
+    )
+    return (projected + looked_up) * jax.lax.rsqrt(2.0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """One decoder layer: attention, dense or MoE feed-forward, PLE, skip scale."""
+
+  config: Gemma4Config
+  layer: int
+  dtype: jnp.dtype = jnp.float32
+  moe_implementation: str = 'auto'
+
+  def setup(self):
+    cfg = self.config
+    d = cfg.embed_dim
+    norm = lambda: layers.RMSNorm(dtype=self.dtype)
+
+    self.pre_attention_norm = norm()
+    self.attn = attention_lib.Attention(cfg, self.layer, dtype=self.dtype)
+    self.post_attention_norm = norm()
+
+    self.pre_ffw_norm = norm()
+    self.post_ffw_norm = norm()
+    if cfg.is_moe:
+      self.mlp = moe_lib.MoE(
+          embed_dim=d,
+          hidden_dim=cfg.expert_hidden_dim,
+          num_experts=cfg.num_experts,
+          experts_per_token=cfg.experts_per_token,
+          dtype=self.dtype,
+          implementation=self.moe_implementation,
+      )
+      self.post_ffw1_norm = norm()
+      # The always-on dense branch (the "shared expert").
+      self.pre_ffw2_norm = norm()
+      self.mlp2 = layers.FeedForward(d, cfg.hidden_dim, dtype=self.dtype)
+      self.post_ffw2_norm = norm()
+    else:
+      self.mlp = layers.FeedForward(
+          d, cfg.layer_hidden_dim(self.layer), dtype=self.dtype
+      )
+
+    if cfg.per_layer_input_dim:
+      p = cfg.per_layer_input_dim
+      self.per_layer_input_gate = layers.Einsum(
+          (d, p), init_stddev=d**-0.5, dtype=self.dtype
+      )
+      self.per_layer_projection = layers.Einsum(
+          (p, d), init_stddev=p**-0.5, dtype=self.dtype
+      )
+      self.post_per_layer_input_norm = norm()
+
+    self.skip_scale = self.param(
+        'skip_scale', nn.initializers.ones, (1,), self.dtype
+    )
+
+  def feed_forward(self, x: jax.Array) -> jax.Array:
+    if not self.config.is_moe:
+      return self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+    dense = self.post_ffw2_norm(self.mlp2(self.pre_ffw2_norm(x)))
+    routed = self.post_ffw1_norm(self.mlp(self.pre_ffw_norm(x)))
+    return self.post_ffw_norm(dense + routed)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      mask: jax.Array,
+      per_layer_input: jax.Array | None = None,
+      shared_kv: tuple[jax.Array, jax.Array] | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Apply the layer to `x` [B, T, D].
+
+    Args:
+      x: Residual stream [B, T, D].
+      positions: [B, T].
+      mask: [B, T, S] visibility (causal, padding, segments); local layers
+        add the sliding window themselves.
+      per_layer_input: This layer's slice [B, T, P] of the per-layer inputs.
+      shared_kv: Keys and values of this layer's KV-sharing source.
+
+    Returns:
+      The new residual stream [B, T, D] and the (keys, values) attended to.
+    """
+    attn_out, kv = self.attn(
+        self.pre_attention_norm(x), positions, mask, shared_kv
+    )
+    x = x + self.post_attention_norm(attn_out)
+
+    x = x + self.feed_forward(x)
+
+    if per_layer_input is not None:
+      gate = layers.gelu_tanh(self.per_layer_input_gate('BTD,DP->BTP', x))
+      ple = self.per_layer_projection('BTP,PD->BTD', gate * per_layer_input)
+      x = x + self.post_per_layer_input_norm(ple)
+
+    return x * self.skip_scale, kv
+
+
+class Transformer(nn.Module):
+  """Gemma 4 text decoder.
+
+  Attributes:
+    config: Shapes and constants of the model.
+    dtype: Dtype of the parameters and of the computation.
+    pad_id: Token id treated as padding when no `input_mask` is given.
+    moe_implementation: How MoE blocks run their experts: 'ragged'
+      (`jax.lax.ragged_dot`, for GPU and TPU), 'tiled' (a loop over expert
+      tiles, for CPU) or 'auto' (by the default backend).
+  """
+
+  config: Gemma4Config
+  dtype: Any = jnp.bfloat16
+  pad_id: int = 0
+  moe_implementation: str = 'auto'
+
+  def setup(self):
+    cfg = self.config
+    self.embedder = Embedder(cfg, dtype=self.dtype)
+    self.blocks = [
+        Block(
+            cfg,
+            i,
+            dtype=self.dtype,
+            moe_implementation=self.moe_implementation,
+            name=f'layer_{i}',
+        )
+        for i in range(cfg.num_layers)
+    ]
+    self.final_norm = layers.RMSNorm(dtype=self.dtype)
+
+  def __call__(
+      self,
+      tokens: jax.Array,
+      *,
+      positions: jax.Array | None = None,
+      input_mask: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+      return_logits: bool = True,
+      return_hidden_states: bool = False,
+  ) -> Output:
+    """Run the decoder on `tokens` [B, T].
+
+    Args:
+      tokens: Token ids [B, T]. Batches are right-padded with `pad_id`.
+      positions: [B, T] positions; defaults to counting the valid tokens.
+      input_mask: [B, T], True for real tokens; defaults to
+        `tokens != pad_id`.
+      segment_ids: [B, T] ids of packed examples; attention never crosses
+        segments. Positions should then restart at each segment.
+      attention_mask: [B, T, T], True where query t may see key s. Replaces
+        the default causal, padding and segment mask; local layers still add
+        the sliding window.
+      return_logits: Compute the [B, T, V] logits (skip for a chunked loss).
+      return_hidden_states: Also return the final-normed hidden states.
+
+    Returns:
+      An `Output` with logits [B, T, V] and optional hidden states [B, T, D].
+    """
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(
+          f'tokens must have shape [batch, length], got {tokens.shape}'
+      )
+    if input_mask is None:
+      input_mask = tokens != self.pad_id
+    if positions is None:
+      positions = attention_lib.positions_from_mask(input_mask)
+    if attention_mask is None:
+      attention_mask = attention_lib.causal_mask(input_mask, segment_ids)
+
+    x = self.embedder.encode(tokens)
+    per_layer_inputs = None
+    if cfg.per_layer_input_dim:
+      per_layer_inputs = self.embedder.per_layer_inputs(x, tokens)
+
+    layer_kv = []
+    for i, block in enumerate(self.blocks):
+      source = cfg.kv_source_layers[i]
+      shared_kv = layer_kv[source] if source != i else None
+      x, kv = block(
+          x,
+          positions,
+          attention_mask,
+          None if per_layer_inputs is None else per_layer_inputs[:, :, i],
+          shared_kv,
+      )
+      layer_kv.append(kv)
+
+    x = self.final_norm(x)
+
+    logits = None
+    if return_logits:
+      logits = self.embedder.decode(x)
+      if cfg.final_logit_softcap is not None:
+        cap = cfg.final_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
+    return Output(
+        logits=logits, hidden_states=x if return_hidden_states else None
+    )
