@@ -249,7 +249,13 @@ class Transformer(nn.Module):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(
-          f'tokens must have shape [batch, length], got {tokens.shape}'
+          f'tokens must have shape [batch, length], got {tokens.shape};'
+          ' add a batch axis with tokens[None] for one sequence'
+      )
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(
+          f'tokens must be integer ids, got dtype {tokens.dtype}; convert'
+          ' with tokens.astype(jnp.int32)'
       )
     if input_mask is None:
       input_mask = tokens != self.pad_id
