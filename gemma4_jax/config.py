@@ -101,6 +101,45 @@ class Gemma4Config:
 
   def __post_init__(self):
     problems = []
+    for field in (
+        'vocab_size', 'embed_dim', 'num_layers', 'num_heads', 'head_dim',
+        'num_kv_heads', 'global_head_dim', 'num_global_kv_heads',
+        'sliding_window', 'hidden_dim',
+    ):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 1:
+        problems.append(f'{field}={value!r} must be a positive integer')
+    for field in (
+        'per_layer_input_dim', 'num_kv_shared_layers', 'num_experts',
+        'expert_hidden_dim', 'experts_per_token',
+    ):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 0:
+        problems.append(f'{field}={value!r} must be a non-negative integer')
+    if not self.attention_pattern:
+      problems.append('attention_pattern is empty; give at least one kind')
+    for field in ('local_rope_proportion', 'global_rope_proportion'):
+      value = getattr(self, field)
+      if not 0.0 <= value <= 1.0:
+        problems.append(f'{field}={value!r} must be in [0, 1]')
+    if self.final_logit_softcap is not None and self.final_logit_softcap <= 0:
+      problems.append(
+          f'final_logit_softcap={self.final_logit_softcap!r} must be positive;'
+          ' use None to disable the soft-cap'
+      )
+    if self.num_experts and not self.expert_hidden_dim:
+      problems.append('an MoE config (num_experts > 0) needs expert_hidden_dim')
+    if not self.num_experts and self.experts_per_token:
+      problems.append(
+          f'experts_per_token={self.experts_per_token} is set but'
+          ' num_experts=0; set both or neither'
+      )
+    if problems:
+      # The divisibility checks below would fail on zero or missing values.
+      raise ValueError(
+          f'invalid Gemma4Config {self.name!r}: ' + '; '.join(problems)
+      )
+
     if self.num_heads % self.num_kv_heads:
       problems.append(
           f'num_heads={self.num_heads} is not a multiple of'

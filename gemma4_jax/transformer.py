@@ -247,6 +247,7 @@ class Transformer(nn.Module):
       An `Output` with logits [B, T, V] and optional hidden states [B, T, D].
     """
     cfg = self.config
+    tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(
           f'tokens must have shape [batch, length], got {tokens.shape};'
@@ -257,6 +258,19 @@ class Transformer(nn.Module):
           f'tokens must be integer ids, got dtype {tokens.dtype}; convert'
           ' with tokens.astype(jnp.int32)'
       )
+    batch, length = tokens.shape
+    for name, value, shape in (
+        ('positions', positions, (batch, length)),
+        ('input_mask', input_mask, (batch, length)),
+        ('segment_ids', segment_ids, (batch, length)),
+        ('attention_mask', attention_mask, (batch, length, length)),
+    ):
+      if value is not None and tuple(value.shape) != shape:
+        raise ValueError(
+            f'{name} must have shape {shape} to match tokens {tokens.shape},'
+            f' got {tuple(value.shape)}'
+        )
+
     if input_mask is None:
       input_mask = tokens != self.pad_id
     if positions is None:

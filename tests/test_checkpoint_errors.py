@@ -224,7 +224,7 @@ def test_wrong_shape_names_key_shapes_and_fix(tmp_path):
       f'`layer_3/attn/kv_einsum/w` has shape {found} but e4b_like_mqa'
       f' expects {expected}'
   ) in message
-  assert '--model=' in message
+  assert 'config_from_checkpoint(path)' in message
   assert 'check the path' in message
   assert ('layer_3/attn/kv_einsum/w', found, expected) in info.value.wrong_shapes
 
@@ -239,7 +239,7 @@ def test_preset_suggested_for_preset_checkpoint():
     )
   message = str(info.value)
   assert "matches preset '31b'" in message
-  assert '--model=31b' in message
+  assert "config=get_preset('31b')" in message
   assert '... and' in message  # Long lists are cut short.
 
 
@@ -318,3 +318,19 @@ def test_tree_without_embedder_rejected():
     variants.config_from_checkpoint(
         {'encoder': {'w': jax.ShapeDtypeStruct((2, 2), jnp.float32)}}
     )
+
+
+# ------------------------------------------------------------- caller mistakes
+
+
+def test_save_whole_variables_dict_rejected(tmp_path):
+  variables = {'params': _random_fill(_abstract('e4b_like'))}
+  with pytest.raises(ValueError, match=r"variables\['params'\]"):
+    io.save_params(variables, tmp_path / 'ckpt')
+  assert not (tmp_path / 'ckpt').exists()
+
+
+def test_integer_load_dtype_rejected(tmp_path):
+  path = _save_official(tmp_path / 'ckpt')
+  with pytest.raises(ValueError, match='not a floating-point type'):
+    io.load_params(path, dtype=jnp.int32)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -270,6 +271,11 @@ def load_params(
     UnsupportedCheckpointError: not a Gemma 4 checkpoint (e.g. Gemma 3).
     CheckpointMismatchError: keys or shapes do not fit `config`.
   """
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise ValueError(
+        f'dtype={dtype!r} is not a floating-point type; pass jnp.bfloat16,'
+        ' jnp.float32 or None to keep the stored dtype'
+    )
   start = time.perf_counter()
   checkpoint = files.resolve_checkpoint(path)
   abstract = files.read_abstract_tree(checkpoint.orbax_dir)
@@ -343,6 +349,12 @@ def save_params(
     FileExistsError: `path` exists and `overwrite` is False.
   """
   layout = Layout(layout)
+  if 'params' in params and 'embedder' not in params:
+    raise ValueError(
+        'save_params expects the parameter tree itself, but got a dict with'
+        " a top-level 'params' key (the whole output of model.init); pass"
+        " variables['params']"
+    )
   if layouts.detect_layout(params) != Layout.NESTED:
     raise ValueError(
         'save_params expects NESTED parameters (the Flax tree, e.g. from'

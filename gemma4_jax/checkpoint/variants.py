@@ -495,13 +495,12 @@ def validate_shapes(
   if preset is not None:
     fix = (
         f'The checkpoint matches preset {preset.name!r}: pass'
-        f' --model={preset.name} (config=get_preset({preset.name!r}) in'
-        ' Python), or check the path.'
+        f' config=get_preset({preset.name!r}), or check the path.'
     )
   else:
     fix = (
-        'Pass --model=<preset> or a config that matches the checkpoint'
-        ' (config_from_checkpoint reads one), or check the path.'
+        'Pass a config that matches the checkpoint'
+        ' (config_from_checkpoint(path) reads one), or check the path.'
     )
   raise CheckpointMismatchError(
       f'checkpoint {source} does not fit config {config.name!r}'
