@@ -6,12 +6,15 @@ keys (QK-norm) replace that scaling. There is no attention-logit soft-cap.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
 from gemma4_jax import layers
 from gemma4_jax.config import GLOBAL, Gemma4Config
+from gemma4_jax.sampling.cache import LayerCache
 
 # Masked logits get a large finite negative value rather than -inf, so that a
 # row with no visible key (a padding query) gives a uniform softmax, not NaN.
@@ -46,6 +49,75 @@ def sliding_window_mask(
   """Mask [B, T, S] of keys with `|query_pos - key_pos| < window`."""
   delta = key_positions[:, None, :] - query_positions[:, :, None]
   return (delta > -window) & (delta < window)
+
+
+class KVView(NamedTuple):
+  """Keys and values a layer attends to, with the position of each key.
+
+  Attributes:
+    keys: [B, S, K, H].
+    values: [B, S, K, H].
+    positions: [B, S] int32; -1 marks an empty or padding slot.
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  positions: jax.Array
+
+
+def visible_keys_mask(
+    query_positions: jax.Array,
+    key_positions: jax.Array,
+    window: int | None,
+) -> jax.Array:
+  """Mask [B, T, S]: key s is valid, not after query t, and inside the window.
+
+  Masking by position rather than by index lets one rule serve the prompt,
+  the ring buffer of local layers (slots in any order) and the global cache.
+  """
+  query = query_positions[:, :, None]
+  key = key_positions[:, None, :]
+  mask = (key >= 0) & (key <= query)
+  if window is not None:
+    mask &= key > query - window
+  return mask
+
+
+def write_to_cache(
+    cache: LayerCache,
+    keys: jax.Array | None,
+    values: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+) -> LayerCache:
+  """Store the valid tokens of a chunk in their slots `position % S`.
+
+  Args:
+    cache: The layer's cache with S slots.
+    keys: [B, T, K, H] or None when the cache keeps values only.
+    values: [B, T, K, H].
+    positions: [B, T] positions of the chunk's tokens.
+    valid: [B, T], False for padding.
+
+  Returns:
+    The updated cache. When a row's chunk is longer than S, only its last S
+    valid tokens are kept.
+  """
+  batch, _ = positions.shape
+  slots = cache.positions.shape[1]
+  last = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+  keep = valid & (positions > last - slots)
+  slot = jnp.where(keep, positions % slots, slots)  # `slots` is dropped.
+  rows = jnp.arange(batch)[:, None]
+
+  def scatter(buffer, update):
+    return buffer.at[rows, slot].set(update.astype(buffer.dtype), mode='drop')
+
+  return LayerCache(
+      values=scatter(cache.values, values),
+      keys=None if keys is None else scatter(cache.keys, keys),
+      positions=scatter(cache.positions, positions),
+  )
 
 
 def attend(
@@ -150,6 +222,68 @@ class Attention(nn.Module):
     k = self.rope(self.key_norm(k), positions)
     v = layers.rms_norm(v)
     return k, v
+
+  def view_of_cache(self, cache: LayerCache) -> KVView:
+    """The keys and values stored in `cache`, keys rebuilt if not stored."""
+    keys = cache.keys
+    if keys is None:
+      # Keys equal values up to the key-norm scale: K = RoPE(v * scale).
+      scale = self.key_norm.variables['params']['scale']
+      keys = self.rope(cache.values * scale, cache.positions)
+    return KVView(keys, cache.values, cache.positions)
+
+  def cached(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      valid: jax.Array,
+      cache: LayerCache | None,
+      mode: str,
+      shared_view: KVView | None = None,
+  ) -> tuple[jax.Array, LayerCache | None, KVView]:
+    """Attention for prefill and decode steps, reading and updating `cache`.
+
+    Args:
+      x: Normalised block input [B, T, D].
+      positions: [B, T] positions of the chunk's tokens.
+      valid: [B, T], False for padding tokens (neither stored nor attended).
+      cache: This layer's cache, or None for a KV-shared layer.
+      mode: 'fresh' when the cache holds nothing yet (the chunk attends to
+        itself only), 'extend' when the chunk continues what is cached.
+      shared_view: For KV-shared layers, the view of the source layer.
+
+    Returns:
+      The output [B, T, D], the updated cache (None for shared layers) and
+      the view attended to, which KV-shared layers reuse.
+    """
+    q = self.queries(x, positions)
+
+    new_cache = None
+    if shared_view is not None:
+      view = shared_view
+    else:
+      k, v = self.keys_values(x, positions)
+      chunk = KVView(k, v, jnp.where(valid, positions, -1))
+      new_cache = write_to_cache(
+          cache, None if self.k_eq_v else k, v, positions, valid
+      )
+      if mode == 'fresh':
+        view = chunk
+      elif x.shape[1] == 1:
+        # A single new token: the slot it overwrote is outside every window.
+        view = self.view_of_cache(new_cache)
+      else:
+        before = self.view_of_cache(cache)
+        view = KVView(*(
+            jnp.concatenate([old, new], axis=1)
+            for old, new in zip(before, chunk)
+        ))
+
+    window = None if self.is_global else self.config.sliding_window
+    mask = visible_keys_mask(positions, view.positions, window)
+    encoded = attend(q, view.keys.astype(q.dtype), view.values, mask)
+    out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded)
+    return out, new_cache, view
 
   def __call__(
       self,

@@ -18,6 +18,7 @@ from gemma4_jax import attention as attention_lib
 from gemma4_jax import layers
 from gemma4_jax import moe as moe_lib
 from gemma4_jax.config import Gemma4Config
+from gemma4_jax.sampling.cache import KVCache, LayerCache
 
 
 @flax.struct.dataclass
@@ -173,6 +174,15 @@ class Block(nn.Module):
     attn_out, kv = self.attn(
         self.pre_attention_norm(x), positions, mask, shared_kv
     )
+    return self.after_attention(x, attn_out, per_layer_input), kv
+
+  def after_attention(
+      self,
+      x: jax.Array,
+      attn_out: jax.Array,
+      per_layer_input: jax.Array | None,
+  ) -> jax.Array:
+    """Residual adds, feed-forward, per-layer input and skip scale."""
     x = x + self.post_attention_norm(attn_out)
 
     x = x + self.feed_forward(x)
@@ -182,7 +192,23 @@ class Block(nn.Module):
       ple = self.per_layer_projection('BTP,PD->BTD', gate * per_layer_input)
       x = x + self.post_per_layer_input_norm(ple)
 
-    return x * self.skip_scale, kv
+    return x * self.skip_scale
+
+  def cached(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      valid: jax.Array,
+      cache: LayerCache | None,
+      mode: str,
+      per_layer_input: jax.Array | None = None,
+      shared_view: attention_lib.KVView | None = None,
+  ) -> tuple[jax.Array, LayerCache | None, attention_lib.KVView]:
+    """Apply the layer to a chunk, reading and updating its KV cache."""
+    attn_out, new_cache, view = self.attn.cached(
+        self.pre_attention_norm(x), positions, valid, cache, mode, shared_view
+    )
+    return self.after_attention(x, attn_out, per_layer_input), new_cache, view
 
 
 class Transformer(nn.Module):
@@ -298,12 +324,82 @@ class Transformer(nn.Module):
 
     x = self.final_norm(x)
 
-    logits = None
-    if return_logits:
-      logits = self.embedder.decode(x)
-      if cfg.final_logit_softcap is not None:
-        cap = cfg.final_logit_softcap
-        logits = jnp.tanh(logits / cap) * cap
+    logits = self.output_logits(x) if return_logits else None
     return Output(
         logits=logits, hidden_states=x if return_hidden_states else None
     )
+
+  def output_logits(self, x: jax.Array) -> jax.Array:
+    """Soft-capped logits [B, T, V] of final hidden states `x` [B, T, D]."""
+    logits = self.embedder.decode(x)
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+  def cached(
+      self,
+      tokens: jax.Array,
+      cache: KVCache,
+      *,
+      input_mask: jax.Array | None = None,
+      mode: str = 'extend',
+      last_only: bool = True,
+  ) -> tuple[jax.Array, KVCache]:
+    """Run a prompt chunk or one decode step against `cache`.
+
+    Row b's tokens take positions `cache.lengths[b], cache.lengths[b] + 1,
+    ...`; padding (where `input_mask` is False) is neither stored nor seen.
+
+    Args:
+      tokens: [B, T] token ids, right-padded.
+      cache: The KV cache; `mode='fresh'` requires it to be empty.
+      input_mask: [B, T], True for real tokens; defaults to `tokens != pad_id`.
+      mode: 'fresh' for the first chunk of an empty cache (it attends only to
+        itself, with no read of the cache), 'extend' otherwise.
+      last_only: Return logits [B, V] of each row's last valid token rather
+        than [B, T, V].
+
+    Returns:
+      The logits and the updated cache.
+    """
+    cfg = self.config
+    if mode not in ('fresh', 'extend'):
+      raise ValueError(f"mode={mode!r} must be 'fresh' or 'extend'")
+    if input_mask is None:
+      input_mask = tokens != self.pad_id
+    input_mask = input_mask.astype(jnp.bool_)
+    offsets = jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1
+    positions = cache.lengths[:, None] + jnp.maximum(offsets, 0)
+
+    x = self.embedder.encode(tokens)
+    per_layer_inputs = None
+    if cfg.per_layer_input_dim:
+      per_layer_inputs = self.embedder.per_layer_inputs(x, tokens)
+
+    new_layers = []
+    views = []
+    for i, block in enumerate(self.blocks):
+      source = cfg.kv_source_layers[i]
+      x, layer_cache, view = block.cached(
+          x,
+          positions,
+          input_mask,
+          cache.layers[i],
+          mode,
+          None if per_layer_inputs is None else per_layer_inputs[:, :, i],
+          views[source] if source != i else None,
+      )
+      new_layers.append(layer_cache)
+      views.append(view)
+
+    x = self.final_norm(x)
+    counts = jnp.sum(input_mask, axis=1).astype(jnp.int32)
+    if last_only:
+      last = jnp.maximum(counts - 1, 0)
+      x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, D]
+    logits = self.output_logits(x)
+    if last_only:
+      logits = logits[:, 0]
+    new_cache = KVCache(layers=tuple(new_layers), lengths=cache.lengths + counts)
+    return logits, new_cache
