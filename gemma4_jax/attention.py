@@ -265,7 +265,7 @@ class Attention(nn.Module):
       k, v = self.keys_values(x, positions)
       chunk = KVView(k, v, jnp.where(valid, positions, -1))
       new_cache = write_to_cache(
-          cache, None if self.k_eq_v else k, v, positions, valid
+          cache, None if cache.keys is None else k, v, positions, valid
       )
       if mode == 'fresh':
         view = chunk

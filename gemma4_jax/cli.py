@@ -50,7 +50,40 @@ def _add_inspect(subparsers) -> None:
   parser.set_defaults(handler=_run_inspect)
 
 
-_SUBCOMMANDS = (_add_inspect,)
+def _run_fetch_tokenizer(args: argparse.Namespace) -> int:
+  from gemma4_jax.text import fetch
+
+  try:
+    path = fetch.fetch_tokenizer(args.cache_dir)
+  except fetch.TokenizerFetchError as error:
+    print(f'gemma4-jax fetch-tokenizer: error: {error}', file=sys.stderr)
+    return 1
+  print(path)
+  return 0
+
+
+def _add_fetch_tokenizer(subparsers) -> None:
+  parser = subparsers.add_parser(
+      'fetch-tokenizer',
+      help='download the Gemma 4 tokenizer into the local cache',
+      description=(
+          'Download the maxtext 0.2.5 wheel with pip, take the Gemma 4'
+          ' tokenizer out of it, check its sha256, cache it and print its'
+          ' path. A cached file with the right checksum is reused.'
+      ),
+  )
+  parser.add_argument(
+      '--cache-dir',
+      default=None,
+      help=(
+          'directory of the cached tokenizer (default: $GEMMA4_JAX_CACHE,'
+          ' else ~/.cache/gemma4_jax)'
+      ),
+  )
+  parser.set_defaults(handler=_run_fetch_tokenizer)
+
+
+_SUBCOMMANDS = (_add_inspect, _add_fetch_tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:

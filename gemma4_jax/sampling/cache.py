@@ -78,8 +78,14 @@ def init_cache(
     batch_size: int,
     cache_length: int,
     dtype=jnp.bfloat16,
+    *,
+    values_only_for_k_eq_v: bool = True,
 ) -> KVCache:
-  """An empty cache for `batch_size` rows of up to `cache_length` tokens."""
+  """An empty cache for `batch_size` rows of up to `cache_length` tokens.
+
+  With `values_only_for_k_eq_v=False`, keys-equal-values layers store their
+  keys as well (twice the bytes; useful only to check the default).
+  """
   if cache_length < 1:
     raise ValueError(f'cache_length={cache_length} must be at least 1')
   layers = []
@@ -95,7 +101,8 @@ def init_cache(
         config.layer_head_dim(i),
     )
     values = jnp.zeros(shape, dtype)
-    keys = None if config.layer_k_eq_v(i) else jnp.zeros(shape, dtype)
+    values_only = values_only_for_k_eq_v and config.layer_k_eq_v(i)
+    keys = None if values_only else jnp.zeros(shape, dtype)
     positions = jnp.full((batch_size, slots), -1, jnp.int32)
     layers.append(LayerCache(values=values, keys=keys, positions=positions))
   return KVCache(

@@ -1,0 +1,405 @@
+"""Compiled prefill and decode steps, token sampling and the generation loop.
+
+`make_steps(model)` returns the jit-compiled step functions, for anyone who
+writes their own loop. `Sampler` runs batches of prompts of different
+lengths through them, streams tokens as a Python generator, stops on end
+tokens or stop strings, and keeps the cache between chat turns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax.sampling.cache import KVCache, init_cache
+from gemma4_jax.transformer import Transformer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How the next token is chosen from the logits.
+
+  Attributes:
+    temperature: 0 picks the most likely token (greedy); otherwise logits
+      are divided by it before sampling.
+    top_k: Sample among the k most likely tokens only (None: all).
+    top_p: Sample among the most likely tokens whose probabilities sum to at
+      least p (nucleus sampling; None: all).
+  """
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature={self.temperature} must be >= 0')
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f'top_k={self.top_k} must be >= 1 or None')
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'top_p={self.top_p} must be in (0, 1] or None')
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+GREEDY = SamplingParams()
+
+
+def sample_tokens(
+    logits: jax.Array, rng: jax.Array, sampling: SamplingParams
+) -> jax.Array:
+  """Choose one token per row of `logits` [B, V]; returns [B] int32."""
+  logits = logits.astype(jnp.float32)
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  logits = logits / sampling.temperature
+  if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p is not None and sampling.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass before it is below p (the first always).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class StepFunctions:
+  """The compiled steps of one model (see `make_steps`)."""
+
+  prefill: Callable[..., Any] = flax.struct.field(pytree_node=False)
+  extend: Callable[..., Any] = flax.struct.field(pytree_node=False)
+  decode: Callable[..., Any] = flax.struct.field(pytree_node=False)
+
+
+def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
+  """Compile the prefill, extend and decode steps of `model`.
+
+  - `prefill(params, tokens [B, T], input_mask [B, T], cache)` fills an empty
+    cache with right-padded prompts and returns (logits [B, V] of each
+    row's last token, cache).
+  - `extend(params, tokens, input_mask, cache)` does the same for a chunk that
+    continues a filled cache (the next turn of a chat).
+  - `decode(params, tokens [B], active [B], cache, rng)` feeds one token per
+    active row and returns (next tokens [B], logits [B, V], cache).
+
+  The cache argument is donated: its buffers are reused for the result.
+  """
+
+  def run(params, tokens, input_mask, cache, mode):
+    return model.apply(
+        {'params': params},
+        tokens,
+        cache,
+        input_mask=input_mask,
+        mode=mode,
+        last_only=True,
+        method=Transformer.cached,
+    )
+
+  prefill = jax.jit(
+      functools.partial(run, mode='fresh'), donate_argnames=('cache',)
+  )
+  extend = jax.jit(
+      functools.partial(run, mode='extend'), donate_argnames=('cache',)
+  )
+
+  @functools.partial(jax.jit, donate_argnames=('cache',))
+  def decode(params, tokens, active, cache, rng):
+    logits, cache = run(
+        params, tokens[:, None], active[:, None], cache, mode='extend'
+    )
+    return sample_tokens(logits, rng, sampling), logits, cache
+
+  return StepFunctions(prefill=prefill, extend=extend, decode=decode)
+
+
+@dataclasses.dataclass
+class GenerationState:
+  """What a later turn needs to continue a conversation without re-reading it.
+
+  Attributes:
+    cache: The KV cache after the last generated token was stored.
+    pending: [B] the last generated token of each row, not yet in the cache.
+  """
+
+  cache: KVCache
+  pending: np.ndarray
+
+
+@dataclasses.dataclass
+class Generation:
+  """Result of `Sampler.generate`.
+
+  Attributes:
+    tokens: Per prompt, the generated token ids (the stop token included).
+    texts: Per prompt, the decoded text (None without a tokenizer).
+    state: The state to pass to the next turn.
+  """
+
+  tokens: list[list[int]]
+  texts: list[str] | None
+  state: GenerationState
+
+
+class Sampler:
+  """Generate text with a Gemma 4 decoder and its KV cache.
+
+  Args:
+    model: The decoder module.
+    params: Its parameters.
+    tokenizer: A `gemma4_jax.text.Tokenizer`; needed for text prompts, stop
+      strings, decoded texts and the default stop tokens.
+    cache_dtype: Dtype of the cache; defaults to the model's dtype.
+  """
+
+  def __init__(
+      self,
+      model: Transformer,
+      params: Any,
+      tokenizer: Any = None,
+      cache_dtype: Any = None,
+  ):
+    self.model = model
+    self.params = params
+    self.tokenizer = tokenizer
+    self.cache_dtype = cache_dtype or model.dtype
+    self._steps: dict[SamplingParams, StepFunctions] = {}
+
+  def steps(self, sampling: SamplingParams) -> StepFunctions:
+    if sampling not in self._steps:
+      self._steps[sampling] = make_steps(self.model, sampling)
+    return self._steps[sampling]
+
+  def default_stop_ids(self) -> tuple[int, ...]:
+    """End of text, end of turn, and the start of a tool response."""
+    if self.tokenizer is None:
+      return ()
+    special = self.tokenizer.special
+    ids = (special.eos, special.end_of_turn, special.start_of_tool_response)
+    return tuple(i for i in ids if i is not None)
+
+  def _encode(self, prompts, add_bos: bool) -> list[list[int]]:
+    encoded = []
+    for prompt in prompts:
+      if isinstance(prompt, str):
+        if self.tokenizer is None:
+          raise ValueError(
+              'a text prompt needs a tokenizer; pass tokenizer= to Sampler or'
+              ' give token ids'
+          )
+        encoded.append(list(self.tokenizer.encode(prompt, add_bos=add_bos)))
+      else:
+        encoded.append([int(t) for t in prompt])
+      if not encoded[-1]:
+        raise ValueError('empty prompt: give at least one token')
+    return encoded
+
+  def stream(
+      self,
+      prompts: Sequence[str | Sequence[int]],
+      *,
+      max_new_tokens: int,
+      sampling: SamplingParams = GREEDY,
+      seed: int = 0,
+      stop_ids: Sequence[int] | None = None,
+      stop_strings: Sequence[str] = (),
+      cache_length: int | None = None,
+      state: GenerationState | None = None,
+      add_bos: bool | None = None,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (tokens [B], active [B]) after each step; see `generate`."""
+    result = self._run(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        cache_length=cache_length,
+        state=state,
+        add_bos=add_bos,
+    )
+    return result
+
+  def generate(
+      self,
+      prompts: Sequence[str | Sequence[int]],
+      *,
+      max_new_tokens: int,
+      sampling: SamplingParams = GREEDY,
+      seed: int = 0,
+      stop_ids: Sequence[int] | None = None,
+      stop_strings: Sequence[str] = (),
+      cache_length: int | None = None,
+      state: GenerationState | None = None,
+      add_bos: bool | None = None,
+  ) -> Generation:
+    """Generate up to `max_new_tokens` tokens for each prompt.
+
+    Args:
+      prompts: Texts (need a tokenizer) or lists of token ids, of any
+        lengths; they run as one right-padded batch.
+      max_new_tokens: Tokens to generate at most per prompt.
+      sampling: Greedy by default; temperature, top-k and top-p otherwise.
+      seed: Seed of the sampling randomness.
+      stop_ids: Tokens that end a row (kept in its output); defaults to
+        `<eos>`, `<turn|>` and `<|tool_response>` of the tokenizer.
+      stop_strings: Texts that end a row once they appear in its output.
+      cache_length: Tokens the cache holds per row; defaults to the longest
+        prompt plus `max_new_tokens` (plus the earlier turns with `state`).
+      state: The state of the previous turn, to continue its conversation.
+      add_bos: Prepend `<bos>` to text prompts; defaults to True for a new
+        conversation and False when continuing one.
+
+    Returns:
+      The generated tokens, texts and the state for a next turn.
+    """
+    rows: list[list[int]] | None = None
+    state_out = None
+    steps = self._run(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        seed=seed,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        cache_length=cache_length,
+        state=state,
+        add_bos=add_bos,
+    )
+    for tokens, active in steps:
+      if rows is None:
+        rows = [[] for _ in range(len(tokens))]
+      for row, (token, is_active) in enumerate(zip(tokens, active)):
+        if is_active:
+          rows[row].append(int(token))
+    state_out = self._last_state
+    texts = None
+    if self.tokenizer is not None:
+      texts = [self.tokenizer.decode(r) for r in rows]
+    return Generation(tokens=rows, texts=texts, state=state_out)
+
+  def _run(
+      self,
+      prompts,
+      *,
+      max_new_tokens: int,
+      sampling: SamplingParams,
+      seed: int,
+      stop_ids,
+      stop_strings,
+      cache_length,
+      state,
+      add_bos,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if isinstance(prompts, str):
+      raise TypeError('prompts must be a list; wrap one prompt as [prompt]')
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
+    if add_bos is None:
+      add_bos = state is None
+    encoded = self._encode(prompts, add_bos)
+    batch = len(encoded)
+    if state is not None:
+      if state.cache.batch_size != batch:
+        raise ValueError(
+            f'the previous turn had {state.cache.batch_size} rows but'
+            f' {batch} prompts were given; continue with one prompt per row'
+        )
+      # The last generated token of the previous turn was never stored.
+      encoded = [
+          [int(p)] + e if p >= 0 else e
+          for p, e in zip(state.pending, encoded)
+      ]
+
+    prompt_length = max(len(e) for e in encoded)
+    used = 0 if state is None else int(np.max(np.asarray(state.cache.lengths)))
+    needed = used + prompt_length + max_new_tokens
+    if state is not None:
+      cache_length = state.cache.max_length
+    elif cache_length is None:
+      cache_length = prompt_length + max_new_tokens
+    if needed > cache_length:
+      raise ValueError(
+          f'prompt of {used + prompt_length} tokens plus max_new_tokens='
+          f'{max_new_tokens} needs {needed} cache positions, but the cache'
+          f' holds {cache_length}; raise cache_length or shorten the prompt'
+      )
+
+    tokens = np.zeros((batch, prompt_length), np.int32)
+    input_mask = np.zeros((batch, prompt_length), bool)
+    for row, ids in enumerate(encoded):
+      tokens[row, : len(ids)] = ids
+      input_mask[row, : len(ids)] = True
+
+    steps = self.steps(sampling)
+    if state is None:
+      cache = init_cache(
+          self.model.config, batch, cache_length, self.cache_dtype
+      )
+      logits, cache = steps.prefill(
+          self.params, jnp.asarray(tokens), jnp.asarray(input_mask), cache
+      )
+    else:
+      logits, cache = steps.extend(
+          self.params,
+          jnp.asarray(tokens),
+          jnp.asarray(input_mask),
+          state.cache,
+      )
+
+    stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
+    if stop_strings and self.tokenizer is None:
+      raise ValueError('stop_strings need a tokenizer; pass tokenizer=')
+    rng = jax.random.key(seed)
+    rng, step_rng = jax.random.split(rng)
+    next_tokens = np.asarray(sample_tokens(logits, step_rng, sampling))
+    active = np.ones((batch,), bool)
+    generated = [[] for _ in range(batch)]
+
+    for step in range(max_new_tokens):
+      yield next_tokens.copy(), active.copy()
+
+      for row in np.flatnonzero(active):
+        token = int(next_tokens[row])
+        generated[row].append(token)
+        if token in stop_ids:
+          active[row] = False
+        elif stop_strings:
+          text = self.tokenizer.decode(generated[row])
+          if any(s in text for s in stop_strings):
+            active[row] = False
+      feed = active.copy()
+      if not active.any() or step == max_new_tokens - 1:
+        break
+      rng, step_rng = jax.random.split(rng)
+      new_tokens, _, cache = steps.decode(
+          self.params,
+          jnp.asarray(next_tokens),
+          jnp.asarray(feed),
+          cache,
+          step_rng,
+      )
+      next_tokens = np.where(active, np.asarray(new_tokens), 0)
+
+    # Each row's last token (a stop token or the last of max_new_tokens) was
+    # never fed to the model: the next turn starts with it.
+    pending = np.array([r[-1] if r else -1 for r in generated], np.int32)
+    self._last_state = GenerationState(cache=cache, pending=pending)

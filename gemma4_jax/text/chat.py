@@ -1,0 +1,245 @@
+"""Gemma 4 chat prompts: messages and tools to the exact prompt text and ids.
+
+The layout follows the official Gemma 4 chat template (`chat_template.jinja`
+of the Hugging Face release):
+
+  <bos><|turn>system\\n[<|think|>\\n]SYSTEM[<|tool>declaration:...<tool|>...]<turn|>\\n
+  <|turn>user\\nTEXT<turn|>\\n
+  <|turn>model\\n[<|channel>thought\\nTHOUGHT\\n<channel|>]<|tool_call>call:f{...}<tool_call|>
+      <|tool_response>response:f{...}<tool_response|>ANSWER<turn|>\\n
+  <|turn>model\\n
+
+The system turn appears when there is a system message, tools, or thinking.
+Tool calls, their responses and the answer that follows share one model
+turn. Earlier thoughts are dropped from history; a model message's
+`reasoning` is kept only for tool-calling messages after the last user turn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gemma4_jax.text import tool_calls as tool_calls_lib
+from gemma4_jax.text import tools as tools_lib
+from gemma4_jax.text.tokenizer import THINKING_PIECES, TOOL_PIECES, Tokenizer
+
+BOS_TEXT = '<bos>'
+# The prompt suffix that the 26B-A4B and 31B templates add when thinking is
+# off: an empty, closed thought. The E2B and E4B templates do not add it.
+EMPTY_THOUGHT = '<|channel>thought\n<channel|>'
+
+Message = Mapping[str, Any]
+_ROLE_ALIASES = {'assistant': 'model', 'developer': 'system'}
+_ROLES = ('system', 'user', 'model', 'tool')
+
+
+def _role(message: Message) -> str:
+  role = message.get('role')
+  role = _ROLE_ALIASES.get(role, role)
+  if role not in _ROLES:
+    raise ValueError(
+        f'message role {message.get("role")!r} is not supported; use one of'
+        ' system, user, model (or assistant), tool'
+    )
+  return role
+
+
+def _content_text(message: Message) -> str:
+  content = message.get('content')
+  if content is None:
+    return ''
+  if isinstance(content, str):
+    return content
+  if isinstance(content, Sequence):
+    parts = []
+    for item in content:
+      if not isinstance(item, Mapping) or item.get('type') != 'text':
+        raise ValueError(
+            f'content item {item!r} is not supported: only text parts'
+            " ({'type': 'text', 'text': ...}) can be formatted here"
+        )
+      parts.append(item.get('text', ''))
+    return ''.join(parts)
+  raise ValueError(f'message content must be a string, got {type(content).__name__}')
+
+
+def strip_thinking(text: str) -> str:
+  """Remove `<|channel>...<channel|>` sections and surrounding whitespace."""
+  pieces = []
+  for part in text.split(tool_calls_lib.CHANNEL_END):
+    if tool_calls_lib.CHANNEL_START in part:
+      part = part.split(tool_calls_lib.CHANNEL_START)[0]
+    pieces.append(part)
+  return ''.join(pieces).strip()
+
+
+def _call_name_and_arguments(call: Any) -> tuple[str, Any]:
+  """Accept OpenAI calls, `{'name', 'arguments'}` mappings and `ToolCall`s."""
+  if isinstance(call, tool_calls_lib.ToolCall):
+    return call.name, call.arguments
+  if isinstance(call, Mapping):
+    function = call.get('function', call)
+    if isinstance(function, Mapping) and 'name' in function:
+      arguments = function.get('arguments', {})
+      if isinstance(arguments, str):
+        # OpenAI clients send JSON text. NOTE: the official template pastes
+        # such text between the braces unchanged. Here it is decoded, so the
+        # call comes out in the Gemma 4 syntax.
+        arguments = json.loads(arguments) if arguments.strip() else {}
+      return function['name'], arguments
+  raise ValueError(
+      f'tool call {call!r} is not supported; pass {{"function": {{"name": ...,'
+      ' "arguments": {...}}}}, {"name": ..., "arguments": {...}} or a ToolCall'
+  )
+
+
+def _tool_response_name(message: Message, calls: Sequence[Any]) -> str:
+  call_id = message.get('tool_call_id')
+  name = message.get('name') or 'unknown'
+  for call in calls:
+    if isinstance(call, Mapping) and call_id is not None and call.get('id') == call_id:
+      name = _call_name_and_arguments(call)[0]
+  return name
+
+
+def _tool_response_value(message: Message) -> Any:
+  content = message.get('content')
+  if isinstance(content, (Mapping, str)) or content is None:
+    return '' if content is None else content
+  return _content_text(message)
+
+
+def format_chat(
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[tools_lib.ToolLike] | None = None,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    empty_thought_when_not_thinking: bool = False,
+) -> str:
+  """Render a conversation as the Gemma 4 prompt text, starting with `<bos>`.
+
+  Args:
+    messages: Dicts with `role` (system, developer, user, model, assistant,
+      tool), `content` (text, or for tool messages also a mapping),
+      optionally `tool_calls`, and for a tool message `name` or
+      `tool_call_id`. A model message's `reasoning` (or
+      `reasoning_content`, `thinking`) is its thought.
+    tools: JSON-schema specs (OpenAI or bare) or Python functions.
+    thinking: Switch thinking on with `<|think|>` in the system turn.
+    add_generation_prompt: End with `<|turn>model\\n` so the model answers.
+      Nothing is added while the last model turn awaits tool results.
+    empty_thought_when_not_thinking: Append `<|channel>thought\\n<channel|>`
+      to the generation prompt when thinking is off, as the 26B-A4B and 31B
+      templates do. Leave False for E2B and E4B.
+
+  Returns:
+    The prompt text; `encode_chat` turns it into ids.
+  """
+  if not messages and not tools and not thinking:
+    raise ValueError('format_chat needs at least one message, tool, or thinking=True')
+  messages = list(messages)
+  out = [BOS_TEXT]
+  # What the last rendered message ended with: decides the generation prompt.
+  last_kind = None
+
+  first_is_system = bool(messages) and _role(messages[0]) == 'system'
+  if thinking or tools or first_is_system:
+    out.append('<|turn>system\n')
+    if thinking:
+      out.append('<|think|>\n')
+    if first_is_system:
+      out.append(_content_text(messages[0]).strip())
+      messages = messages[1:]
+    for tool in tools or ():
+      out.append(tools_lib.format_declaration(tool))
+    out.append('<turn|>\n')
+
+  last_user = max((i for i, m in enumerate(messages) if _role(m) == 'user'), default=-1)
+  model_turn_open = False  # A model turn left open after tool results.
+  for index, message in enumerate(messages):
+    role = _role(message)
+    if role == 'tool':
+      continue  # Rendered inside the model turn whose calls it responds to.
+    last_kind = None
+    # NOTE: the official template continues the turn whenever the previous
+    # non-tool message has the role 'assistant' (not 'model'), even after a
+    # closed turn. Here a model message continues only a turn left open.
+    if not (role == 'model' and model_turn_open):
+      out.append(f'<|turn>{role}\n')
+    model_turn_open = False
+
+    calls = list(message.get('tool_calls') or ())
+    thought = message.get('reasoning') or message.get('reasoning_content') or message.get('thinking')
+    if thought and index > last_user and calls:
+      out.append(f'<|channel>thought\n{thought}\n<channel|>')
+
+    for call in calls:
+      name, arguments = _call_name_and_arguments(call)
+      out.append(tool_calls_lib.format_tool_call(name, arguments))
+    if calls:
+      last_kind = 'tool_call'
+
+    responded = False
+    if calls:
+      for follower in messages[index + 1 :]:
+        if _role(follower) != 'tool':
+          break
+        out.append(
+            tool_calls_lib.format_tool_response(
+                _tool_response_name(follower, calls), _tool_response_value(follower)
+            )
+        )
+        responded = True
+        last_kind = 'tool_response'
+
+    text = _content_text(message)
+    text = strip_thinking(text) if role == 'model' else text.strip()
+    out.append(text)
+
+    if last_kind == 'tool_call' and not responded:
+      # The model stops at `<|tool_response>` to wait for results.
+      out.append(tool_calls_lib.TOOL_RESPONSE_START)
+    elif responded and not text:
+      # The model's answer after the tool results continues this turn.
+      model_turn_open = True
+    else:
+      out.append('<turn|>\n')
+
+  if add_generation_prompt and last_kind not in ('tool_call', 'tool_response'):
+    out.append('<|turn>model\n')
+    if empty_thought_when_not_thinking and not thinking:
+      out.append(EMPTY_THOUGHT)
+  return ''.join(out)
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[tools_lib.ToolLike] | None = None,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    empty_thought_when_not_thinking: bool = False,
+) -> list[int]:
+  """Render a conversation with `format_chat` and return its token ids.
+
+  Raises:
+    MissingSpecialTokenError: the tokenizer lacks a piece that the tools or
+      thinking need.
+  """
+  if tools or any(m.get('tool_calls') or _role(m) == 'tool' for m in messages):
+    tokenizer.require(TOOL_PIECES, feature='tool use')
+  if thinking or empty_thought_when_not_thinking:
+    tokenizer.require(THINKING_PIECES, feature='thinking')
+  text = format_chat(
+      messages,
+      tools=tools,
+      thinking=thinking,
+      add_generation_prompt=add_generation_prompt,
+      empty_thought_when_not_thinking=empty_thought_when_not_thinking,
+  )
+  # `<bos>` is a control piece, so its text would encode as plain characters.
+  return tokenizer.encode(text.removeprefix(BOS_TEXT), add_bos=True)
