@@ -86,6 +86,7 @@ class StepFunctions:
   prefill: Callable[..., Any] = flax.struct.field(pytree_node=False)
   extend: Callable[..., Any] = flax.struct.field(pytree_node=False)
   decode: Callable[..., Any] = flax.struct.field(pytree_node=False)
+  decode_loop: Callable[..., Any] = flax.struct.field(pytree_node=False)
 
 
 def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
@@ -127,7 +128,45 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
     )
     return sample_tokens(logits, rng, sampling), logits, cache
 
-  return StepFunctions(prefill=prefill, extend=extend, decode=decode)
+  @functools.partial(
+      jax.jit,
+      static_argnames=('max_new_tokens', 'stop_ids'),
+      donate_argnames=('cache',),
+  )
+  def decode_loop(params, first_tokens, cache, rng, max_new_tokens, stop_ids):
+    """Generate `max_new_tokens` tokens in one compiled loop.
+
+    `first_tokens` [B] are the tokens sampled from the prefill logits. Rows
+    stop after a token in `stop_ids` (kept); later slots hold -1. Returns
+    (tokens [B, max_new_tokens], cache). The last token of each row is not
+    fed to the model, as in the step-by-step loop.
+    """
+    batch = first_tokens.shape[0]
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+    out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+    out = out.at[:, 0].set(first_tokens)
+    active = ~jnp.isin(first_tokens, stops)
+
+    def cond(carry):
+      step, _, _, active, _, _ = carry
+      return (step < max_new_tokens) & jnp.any(active)
+
+    def body(carry):
+      step, tokens, out, active, cache, rng = carry
+      rng, step_rng = jax.random.split(rng)
+      new_tokens, _, cache = decode(params, tokens, active, cache, step_rng)
+      new_tokens = jnp.where(active, new_tokens, -1)
+      out = out.at[:, step].set(new_tokens)
+      active = active & ~jnp.isin(new_tokens, stops)
+      return step + 1, new_tokens, out, active, cache, rng
+
+    carry = (jnp.asarray(1), first_tokens, out, active, cache, rng)
+    _, _, out, _, cache, _ = jax.lax.while_loop(cond, body, carry)
+    return out, cache
+
+  return StepFunctions(
+      prefill=prefill, extend=extend, decode=decode, decode_loop=decode_loop
+  )
 
 
 @dataclasses.dataclass
@@ -271,6 +310,17 @@ class Sampler:
     Returns:
       The generated tokens, texts and the state for a next turn.
     """
+    if not stop_strings:
+      return self._generate_fused(
+          prompts,
+          max_new_tokens=max_new_tokens,
+          sampling=sampling,
+          seed=seed,
+          stop_ids=stop_ids,
+          cache_length=cache_length,
+          state=state,
+          add_bos=add_bos,
+      )
     rows: list[list[int]] | None = None
     state_out = None
     steps = self._run(
@@ -296,19 +346,50 @@ class Sampler:
       texts = [self.tokenizer.decode(r) for r in rows]
     return Generation(tokens=rows, texts=texts, state=state_out)
 
-  def _run(
+  def _generate_fused(
+      self, prompts, *, max_new_tokens, sampling, seed, stop_ids,
+      cache_length, state, add_bos,
+  ) -> Generation:
+    """`generate` without stop strings: the whole decode is one compiled loop."""
+    logits, cache, stop_ids, steps = self._start(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_ids=stop_ids,
+        stop_strings=(),
+        cache_length=cache_length,
+        state=state,
+        add_bos=add_bos,
+    )
+    rng, step_rng = jax.random.split(jax.random.key(seed))
+    first = sample_tokens(logits, step_rng, sampling)
+    out, cache = steps.decode_loop(
+        self.params, first, cache, rng, max_new_tokens, stop_ids
+    )
+    out = np.asarray(out)
+
+    rows = [[int(t) for t in row if t >= 0] for row in out]
+    pending = np.array([r[-1] for r in rows], np.int32)
+    state_out = GenerationState(cache=cache, pending=pending)
+    self._last_state = state_out
+    texts = None
+    if self.tokenizer is not None:
+      texts = [self.tokenizer.decode(r) for r in rows]
+    return Generation(tokens=rows, texts=texts, state=state_out)
+
+  def _start(
       self,
       prompts,
       *,
       max_new_tokens: int,
       sampling: SamplingParams,
-      seed: int,
       stop_ids,
       stop_strings,
       cache_length,
       state,
       add_bos,
-  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  ) -> tuple[Any, KVCache, tuple[int, ...], StepFunctions]:
+    """Encode, check lengths, prefill; return (logits, cache, stop ids, steps)."""
     if isinstance(prompts, str):
       raise TypeError('prompts must be a list; wrap one prompt as [prompt]')
     if max_new_tokens < 1:
@@ -368,6 +449,32 @@ class Sampler:
     stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
     if stop_strings and self.tokenizer is None:
       raise ValueError('stop_strings need a tokenizer; pass tokenizer=')
+    return logits, cache, stop_ids, steps
+
+  def _run(
+      self,
+      prompts,
+      *,
+      max_new_tokens: int,
+      sampling: SamplingParams,
+      seed: int,
+      stop_ids,
+      stop_strings,
+      cache_length,
+      state,
+      add_bos,
+  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    logits, cache, stop_ids, steps = self._start(
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        cache_length=cache_length,
+        state=state,
+        add_bos=add_bos,
+    )
+    batch = logits.shape[0]
     rng = jax.random.key(seed)
     rng, step_rng = jax.random.split(rng)
     next_tokens = np.asarray(sample_tokens(logits, step_rng, sampling))
