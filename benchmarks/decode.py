@@ -1,0 +1,247 @@
+"""Prefill and decode speed and KV-cache size: ours against the official
+`gemma` 4.0.1 sampler, same parameters, same machine, same run.
+
+    python benchmarks/decode.py                       # the full 31B-shaped run
+    python benchmarks/decode.py --embed 256 --ffw 1024 --vocab 32768 \
+        --cases 1x256,1x1024 --window 128            # a quick smoke run
+
+The default model is a reduced 31B: six layers (5 local + 1 global), embed
+2048, 16 query heads, 8 local KV heads of 256, 2 global KV heads of 512 with
+keys equal to values, window 1024, FFW 8192, the 262144-token vocabulary,
+bfloat16. For each case BATCHxPROMPT it generates `--new-tokens` greedy
+tokens with both samplers and prints prefill and decode tokens/s, their
+ratios (ours / official, above 1 means we are faster), both KV-cache sizes,
+and our bytes read per decode step against the memory bandwidth measured in
+this run. Needs the test extra (`pip install -e .[test]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, '.')
+from gemma4_jax.config import GLOBAL, LOCAL, Gemma4Config  # pylint: disable=g-import-not-at-top
+from gemma4_jax.sampling import cache as cache_lib  # pylint: disable=g-import-not-at-top
+from gemma4_jax.sampling.sampler import make_steps, sample_tokens, GREEDY  # pylint: disable=g-import-not-at-top
+from gemma4_jax.transformer import Transformer  # pylint: disable=g-import-not-at-top
+from tests import oracle  # pylint: disable=g-import-not-at-top
+
+
+def reduced_31b(args) -> Gemma4Config:
+  return Gemma4Config(
+      name='31b_reduced',
+      vocab_size=args.vocab,
+      embed_dim=args.embed,
+      num_layers=6,
+      attention_pattern=(LOCAL,) * 5 + (GLOBAL,),
+      num_heads=16,
+      head_dim=256,
+      num_kv_heads=8,
+      global_head_dim=512,
+      num_global_kv_heads=2,
+      k_eq_v_global=True,
+      sliding_window=args.window,
+      hidden_dim=args.ffw,
+      vision_bidirectional=True,
+  )
+
+
+def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+  """Bytes per second of a jitted sum over a `num_bytes` bfloat16 array."""
+  x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+  total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  total(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    times.append(time.perf_counter() - start)
+  del x
+  return num_bytes / statistics.median(times)
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def run_ours(model, params, tokens, new_tokens: int):
+  """Time our prefill and our compiled decode loop; returns a dict."""
+  cfg = model.config
+  batch, prompt = tokens.shape
+  steps = make_steps(model, GREEDY)
+  mask = jnp.ones(tokens.shape, bool)
+
+  def fresh_cache():
+    return cache_lib.init_cache(cfg, batch, prompt + new_tokens, model.dtype)
+
+  # Warm-up compiles both steps.
+  logits, cache = steps.prefill(params, tokens, mask, fresh_cache())
+  first = sample_tokens(logits, jax.random.key(0), GREEDY)
+  out, cache = steps.decode_loop(
+      params, first, cache, jax.random.key(1), new_tokens, ()
+  )
+  out.block_until_ready()
+  cache_bytes = cache.nbytes()
+  del cache
+
+  cache = fresh_cache()
+  jax.block_until_ready(cache)
+  start = time.perf_counter()
+  logits, cache = steps.prefill(params, tokens, mask, cache)
+  logits.block_until_ready()
+  prefill_s = time.perf_counter() - start
+
+  first = sample_tokens(logits, jax.random.key(0), GREEDY)
+  start = time.perf_counter()
+  out, cache = steps.decode_loop(
+      params, first, cache, jax.random.key(1), new_tokens, ()
+  )
+  out.block_until_ready()
+  decode_s = time.perf_counter() - start
+  return dict(
+      prefill_s=prefill_s,
+      decode_s=decode_s,
+      cache_bytes=cache_bytes,
+      tokens=np.asarray(out),
+  )
+
+
+def run_official(official, params, tokens, new_tokens: int):
+  """Time the official prefill and its compiled sampling loop."""
+  from gemma.gm.text import _prefill
+  from gemma.gm.text import _sampler_loop
+  from gemma.gm.text import _sampling
+  from gemma.gm.text import _tokenizer
+  from gemma.gm.utils import _types
+
+  batch, prompt = tokens.shape
+  cache_length = prompt + new_tokens
+  inputs = _types.Input(
+      text=tokens, images=None, config=official.config.input_config
+  )
+  loop = _sampler_loop.SamplerLoop(
+      model=official,
+      end_tokens=(),
+      forbidden_tokens=None,
+      sampling=_sampling.Greedy(),
+      cache_length=cache_length,
+      special_tokens=_tokenizer.Gemma4Tokenizer.special_tokens,
+  )
+  prefill = functools.partial(
+      _prefill.prefill,
+      model=official,
+      params=params,
+      input=inputs,
+      last_state=None,
+      cache_length=cache_length,
+      max_out_length=new_tokens,
+      pad_length=None,
+      rng=jax.random.key(0),
+      sharding=None,
+  )
+
+  def decode(state):
+    return loop.sample(
+        params=params,
+        init_state=state,
+        max_new_tokens=jnp.asarray(new_tokens),
+    )
+
+  state = prefill()
+  jax.block_until_ready(decode(state).predicted_tokens)
+  cache_bytes = tree_bytes(state.cache)
+  del state
+
+  start = time.perf_counter()
+  state = prefill()
+  jax.block_until_ready(state)
+  prefill_s = time.perf_counter() - start
+
+  start = time.perf_counter()
+  final = decode(state)
+  jax.block_until_ready(final.predicted_tokens)
+  decode_s = time.perf_counter() - start
+  return dict(
+      prefill_s=prefill_s,
+      decode_s=decode_s,
+      cache_bytes=cache_bytes,
+      tokens=np.asarray(final.predicted_tokens),
+  )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--embed', type=int, default=2048)
+  parser.add_argument('--ffw', type=int, default=8192)
+  parser.add_argument('--vocab', type=int, default=262_144)
+  parser.add_argument('--window', type=int, default=1024)
+  parser.add_argument('--cases', default='1x256,1x8192,16x8192',
+                      help='comma-separated BATCHxPROMPT cases')
+  parser.add_argument('--new-tokens', type=int, default=128)
+  parser.add_argument('--dtype', default='bfloat16',
+                      choices=['bfloat16', 'float32'])
+  args = parser.parse_args()
+
+  cfg = reduced_31b(args)
+  dtype = jnp.dtype(args.dtype)
+  model = Transformer(config=cfg, dtype=dtype)
+  official = oracle.official_model(cfg, dtype)
+  start = time.perf_counter()
+  params = jax.jit(model.init)(
+      jax.random.key(0), jnp.ones((1, 8), jnp.int32)
+  )['params']
+  params_bytes = tree_bytes(params)
+  print(f'{cfg.name}: {sum(x.size for x in jax.tree.leaves(params)) / 1e9:.2f}'
+        f' B parameters ({params_bytes / 2**30:.2f} GiB {args.dtype}),'
+        f' initialised in {time.perf_counter() - start:.1f} s;'
+        f' backend {jax.default_backend()}, {jax.device_count()} device(s)')
+  bandwidth = measure_bandwidth()
+  print(f'memory bandwidth (jitted 1 GiB sum): {bandwidth / 1e9:.1f} GB/s')
+
+  rng = np.random.default_rng(0)
+  for case in args.cases.split(','):
+    batch, prompt = (int(v) for v in case.lower().split('x'))
+    tokens = jnp.asarray(
+        rng.integers(3, cfg.vocab_size, (batch, prompt)), jnp.int32
+    )
+    ours = run_ours(model, params, tokens, args.new_tokens)
+    theirs = run_official(official, params, tokens, args.new_tokens)
+
+    decoded = batch * (args.new_tokens - 1)
+    ours_decode = decoded / ours['decode_s']
+    theirs_decode = decoded / theirs['decode_s']
+    ours_prefill = batch * prompt / ours['prefill_s']
+    theirs_prefill = batch * prompt / theirs['prefill_s']
+    step_bytes = params_bytes + ours['cache_bytes']
+    step_s = ours['decode_s'] / (args.new_tokens - 1)
+    agree = float(np.mean(
+        ours['tokens'][:, : args.new_tokens]
+        == theirs['tokens'][:, : args.new_tokens]
+    ))
+    print(f'\ncase batch {batch}, prompt {prompt}, {args.new_tokens} new'
+          f' tokens (greedy tokens agree at {agree:.0%})')
+    print(f'  decode  tokens/s: ours {ours_decode:9.1f}  official'
+          f' {theirs_decode:9.1f}  ratio {ours_decode / theirs_decode:.2f}x')
+    print(f'  prefill tokens/s: ours {ours_prefill:9.1f}  official'
+          f' {theirs_prefill:9.1f}  ratio {ours_prefill / theirs_prefill:.2f}x')
+    print(f'  KV cache: ours {ours["cache_bytes"] / 2**20:9.1f} MiB  official'
+          f' {theirs["cache_bytes"] / 2**20:9.1f} MiB  ratio'
+          f' {ours["cache_bytes"] / theirs["cache_bytes"]:.3f}')
+    print(f'  bytes read per decode step (params + cache):'
+          f' {step_bytes / 2**20:.1f} MiB; at {bandwidth / 1e9:.1f} GB/s that'
+          f' takes {step_bytes / bandwidth * 1e3:.1f} ms, measured'
+          f' {step_s * 1e3:.1f} ms per step'
+          f' ({step_bytes / bandwidth / step_s:.0%} of the bandwidth limit)')
+
+
+if __name__ == '__main__':
+  main()
