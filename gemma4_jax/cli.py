@@ -83,7 +83,184 @@ def _add_fetch_tokenizer(subparsers) -> None:
   parser.set_defaults(handler=_run_fetch_tokenizer)
 
 
-_SUBCOMMANDS = (_add_inspect, _add_fetch_tokenizer)
+def _run_generation_command(args: argparse.Namespace) -> int:
+  # Imported here so that `gemma4-jax --help` does not wait for JAX.
+  from gemma4_jax import generation_cli
+
+  try:
+    if args.command == 'generate':
+      return generation_cli.run_generate(args)
+    return generation_cli.run_chat(args)
+  except generation_cli.CommandError as error:
+    print(f'gemma4-jax {args.command}: error: {error}', file=sys.stderr)
+    return error.exit_code
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  """Flags shared by `generate` and `chat`: model, tokenizer, sampling."""
+  parser.add_argument(
+      '--ckpt',
+      required=True,
+      help=(
+          'Orbax checkpoint directory, or a directory that contains one'
+          ' (such as a Kaggle download)'
+      ),
+  )
+  parser.add_argument(
+      '--tokenizer',
+      default=None,
+      help=(
+          'SentencePiece tokenizer.model (default: the one in or beside the'
+          ' checkpoint; `gemma4-jax fetch-tokenizer` downloads it)'
+      ),
+  )
+  parser.add_argument(
+      '--model',
+      default=None,
+      help=(
+          'preset name (e2b, e4b, 26b_a4b, 31b) or a .json file of'
+          ' Gemma4Config fields for a custom model (default: detected from'
+          ' the checkpoint shapes)'
+      ),
+  )
+
+  parser.add_argument(
+      '--dtype',
+      choices=('bfloat16', 'float32'),
+      default='bfloat16',
+      help='dtype of the parameters and activations (default: bfloat16)',
+  )
+  parser.add_argument(
+      '--system', default=None, help='system prompt of the conversation'
+  )
+  parser.add_argument(
+      '--thinking',
+      action='store_true',
+      help='let the model think before answering (adds <|think|>)',
+  )
+  parser.add_argument(
+      '--show-thinking',
+      action='store_true',
+      help='print the thought channel too (hidden by default)',
+  )
+
+  parser.add_argument(
+      '--max-new-tokens',
+      type=_positive_int,
+      default=256,
+      help='tokens generated at most per answer (default: 256)',
+  )
+  parser.add_argument(
+      '--temperature',
+      type=float,
+      default=0.0,
+      help='sampling temperature; 0 picks the most likely token (default: 0)',
+  )
+  parser.add_argument(
+      '--top-k',
+      type=int,
+      default=None,
+      help='sample among the K most likely tokens (default: all)',
+  )
+  parser.add_argument(
+      '--top-p',
+      type=float,
+      default=None,
+      help=(
+          'sample among the most likely tokens whose probabilities sum to P'
+          ' (default: all)'
+      ),
+  )
+  parser.add_argument(
+      '--seed', type=int, default=0, help='seed of the sampling (default: 0)'
+  )
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{value} is not a positive integer')
+  return value
+
+
+def _add_generate(subparsers) -> None:
+  parser = subparsers.add_parser(
+      'generate',
+      help='generate answers to prompts, all in one batch',
+      description=(
+          'Generate an answer to each prompt. Prompts run as one batch. Each'
+          ' is sent as a user turn in the Gemma 4 chat format unless --raw is'
+          ' given. Answers are printed with the thought channel hidden and'
+          ' tool calls shown as name(arguments), or written as JSONL records'
+          ' with --output.'
+      ),
+  )
+  _add_model_arguments(parser)
+  prompts = parser.add_mutually_exclusive_group(required=True)
+  prompts.add_argument(
+      '--prompt',
+      action='append',
+      help='a prompt; repeat the flag for several prompts',
+  )
+  prompts.add_argument(
+      '--prompts-file',
+      default=None,
+      help=(
+          'file of prompts: one per line, or JSONL records with a "prompt"'
+          ' field'
+      ),
+  )
+  parser.add_argument(
+      '--output',
+      default=None,
+      help=(
+          'write one JSONL record per prompt (prompt, text, answer, thinking,'
+          ' tool_calls, num_tokens, prompt_tokens, finish_reason, tokens)'
+          ' instead of printing'
+      ),
+  )
+  parser.add_argument(
+      '--raw',
+      action='store_true',
+      help='send each prompt as plain text after <bos>, without the chat format',
+  )
+  parser.add_argument(
+      '--cache-length',
+      type=_positive_int,
+      default=None,
+      help=(
+          'KV cache positions per prompt (default: the longest prompt plus'
+          ' --max-new-tokens)'
+      ),
+  )
+  parser.set_defaults(handler=_run_generation_command)
+
+
+def _add_chat(subparsers) -> None:
+  parser = subparsers.add_parser(
+      'chat',
+      help='chat with a model, reading messages from stdin',
+      description=(
+          'Read one message per line from stdin and stream each answer. The'
+          ' conversation stays in the KV cache, so a turn feeds only its own'
+          ' text. /reset starts a new conversation; /exit or end of input'
+          ' quits. Tools are off.'
+      ),
+  )
+  _add_model_arguments(parser)
+  parser.add_argument(
+      '--cache-length',
+      type=_positive_int,
+      default=4096,
+      help=(
+          'KV cache positions of the whole conversation (default: 4096);'
+          ' /reset frees them'
+      ),
+  )
+  parser.set_defaults(handler=_run_generation_command)
+
+
+_SUBCOMMANDS = (_add_inspect, _add_fetch_tokenizer, _add_generate, _add_chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
