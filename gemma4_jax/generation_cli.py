@@ -622,7 +622,7 @@ class ChatSession:
         yield int(tokens[0])
 
     # `stream` stores the state for the next turn once it is exhausted.
-    self._state = self.sampler._last_state
+    self._state = self.sampler.last_state
     self._last_answer_token = generated[-1] if generated else None
     self.last_stats = TurnStats(
         prefill_tokens=prefill,

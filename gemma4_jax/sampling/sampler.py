@@ -24,6 +24,17 @@ from gemma4_jax.transformer import Transformer
 logger = logging.getLogger(__name__)
 
 
+# Prompt chunks are padded to a multiple of this many tokens, and default
+# cache lengths rounded up to a multiple of CACHE_BUCKET, so that calls with
+# similar lengths reuse compiled steps.
+PROMPT_BUCKET = 64
+CACHE_BUCKET = 256
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How the next token is chosen from the logits.
@@ -221,6 +232,11 @@ class Sampler:
     self.cache_dtype = cache_dtype or model.dtype
     self._steps: dict[SamplingParams, StepFunctions] = {}
 
+  @property
+  def last_state(self) -> GenerationState | None:
+    """State after the last `generate` or fully consumed `stream` call."""
+    return getattr(self, '_last_state', None)
+
   def steps(self, sampling: SamplingParams) -> StepFunctions:
     if sampling not in self._steps:
       self._steps[sampling] = make_steps(self.model, sampling)
@@ -416,7 +432,7 @@ class Sampler:
     if state is not None:
       cache_length = state.cache.max_length
     elif cache_length is None:
-      cache_length = prompt_length + max_new_tokens
+      cache_length = _round_up(prompt_length + max_new_tokens, CACHE_BUCKET)
     if needed > cache_length:
       raise ValueError(
           f'prompt of {used + prompt_length} tokens plus max_new_tokens='
@@ -424,8 +440,11 @@ class Sampler:
           f' holds {cache_length}; raise cache_length or shorten the prompt'
       )
 
-    tokens = np.zeros((batch, prompt_length), np.int32)
-    input_mask = np.zeros((batch, prompt_length), bool)
+    # Padding the chunk to a bucket lets prompts of similar lengths share one
+    # compiled prefill; padding is neither stored nor attended to.
+    padded_length = _round_up(prompt_length, PROMPT_BUCKET)
+    tokens = np.zeros((batch, padded_length), np.int32)
+    input_mask = np.zeros((batch, padded_length), bool)
     for row, ids in enumerate(encoded):
       tokens[row, : len(ids)] = ids
       input_mask[row, : len(ids)] = True
