@@ -81,7 +81,7 @@ def init_cache(
     *,
     values_only_for_k_eq_v: bool = True,
 ) -> KVCache:
-  """An empty cache for `batch_size` rows of up to `cache_length` tokens.
+  """Allocate an empty cache for `batch_size` rows of `cache_length` tokens.
 
   With `values_only_for_k_eq_v=False`, keys-equal-values layers store their
   keys as well (twice the bytes; useful only to check the default).

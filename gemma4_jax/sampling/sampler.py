@@ -37,7 +37,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """How the next token is chosen from the logits.
+  """Settings that choose the next token from the logits.
 
   Attributes:
     temperature: 0 picks the most likely token (greedy); otherwise logits
@@ -182,7 +182,7 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
 
 @dataclasses.dataclass
 class GenerationState:
-  """What a later turn needs to continue a conversation without re-reading it.
+  """Cache and pending tokens that let a later turn continue a conversation.
 
   Attributes:
     cache: The KV cache after the last generated token was stored.
@@ -317,8 +317,9 @@ class Sampler:
       stop_ids: Tokens that end a row (kept in its output); defaults to
         `<eos>`, `<turn|>` and `<|tool_response>` of the tokenizer.
       stop_strings: Texts that end a row once they appear in its output.
-      cache_length: Tokens the cache holds per row; defaults to the longest
-        prompt plus `max_new_tokens` (plus the earlier turns with `state`).
+      cache_length: Tokens the cache stores per row; defaults to the longest
+        prompt plus `max_new_tokens`, rounded up to a multiple of
+        CACHE_BUCKET. With `state`, the previous turn's cache length is kept.
       state: The state of the previous turn, to continue its conversation.
       add_bos: Prepend `<bos>` to text prompts; defaults to True for a new
         conversation and False when continuing one.
