@@ -138,24 +138,48 @@ def format_chat(
   Returns:
     The prompt text; `encode_chat` turns it into ids.
   """
+  spans = _render_chat_spans(
+      messages,
+      tools=tools,
+      thinking=thinking,
+      add_generation_prompt=add_generation_prompt,
+      empty_thought_when_not_thinking=empty_thought_when_not_thinking,
+  )
+  return ''.join(text for text, _ in spans)
+
+
+def _render_chat_spans(
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[tools_lib.ToolLike] | None,
+    thinking: bool,
+    add_generation_prompt: bool,
+    empty_thought_when_not_thinking: bool,
+) -> list[tuple[str, bool]]:
+  """Render a conversation as `(text, written_by_model)` spans.
+
+  The texts joined are the `format_chat` output. `written_by_model` is True
+  for the text that the model writes in its own turns (see
+  `encode_chat_for_training`).
+  """
   if not messages and not tools and not thinking:
     raise ValueError('format_chat needs at least one message, tool, or thinking=True')
   messages = list(messages)
-  out = [BOS_TEXT]
+  out = [(BOS_TEXT, False)]
   # What the last rendered message ended with: decides the generation prompt.
   last_kind = None
 
   first_is_system = bool(messages) and _role(messages[0]) == 'system'
   if thinking or tools or first_is_system:
-    out.append('<|turn>system\n')
+    out.append(('<|turn>system\n', False))
     if thinking:
-      out.append('<|think|>\n')
+      out.append(('<|think|>\n', False))
     if first_is_system:
-      out.append(_content_text(messages[0]).strip())
+      out.append((_content_text(messages[0]).strip(), False))
       messages = messages[1:]
     for tool in tools or ():
-      out.append(tools_lib.format_declaration(tool))
-    out.append('<turn|>\n')
+      out.append((tools_lib.format_declaration(tool), False))
+    out.append(('<turn|>\n', False))
 
   last_user = max((i for i, m in enumerate(messages) if _role(m) == 'user'), default=-1)
   model_turn_open = False  # A model turn left open after tool results.
@@ -163,22 +187,23 @@ def format_chat(
     role = _role(message)
     if role == 'tool':
       continue  # Rendered inside the model turn whose calls it responds to.
+    by_model = role == 'model'
     last_kind = None
     # NOTE: the official template continues the turn whenever the previous
     # non-tool message has the role 'assistant' (not 'model'), even after a
     # closed turn. Here a model message continues only a turn left open.
     if not (role == 'model' and model_turn_open):
-      out.append(f'<|turn>{role}\n')
+      out.append((f'<|turn>{role}\n', False))
     model_turn_open = False
 
     calls = list(message.get('tool_calls') or ())
     thought = message.get('reasoning') or message.get('reasoning_content') or message.get('thinking')
     if thought and index > last_user and calls:
-      out.append(f'<|channel>thought\n{thought}\n<channel|>')
+      out.append((f'<|channel>thought\n{thought}\n<channel|>', by_model))
 
     for call in calls:
       name, arguments = _call_name_and_arguments(call)
-      out.append(tool_calls_lib.format_tool_call(name, arguments))
+      out.append((tool_calls_lib.format_tool_call(name, arguments), by_model))
     if calls:
       last_kind = 'tool_call'
 
@@ -187,32 +212,39 @@ def format_chat(
       for follower in messages[index + 1 :]:
         if _role(follower) != 'tool':
           break
-        out.append(
-            tool_calls_lib.format_tool_response(
-                _tool_response_name(follower, calls), _tool_response_value(follower)
-            )
+        response = tool_calls_lib.format_tool_response(
+            _tool_response_name(follower, calls), _tool_response_value(follower)
         )
+        if not responded:
+          # The model writes the first `<|tool_response>` to hand over to the
+          # tool runner; the runner writes the rest.
+          out.append((tool_calls_lib.TOOL_RESPONSE_START, by_model))
+          response = response.removeprefix(tool_calls_lib.TOOL_RESPONSE_START)
+        out.append((response, False))
         responded = True
         last_kind = 'tool_response'
 
     text = _content_text(message)
     text = strip_thinking(text) if role == 'model' else text.strip()
-    out.append(text)
+    out.append((text, by_model))
 
     if last_kind == 'tool_call' and not responded:
       # The model stops at `<|tool_response>` to wait for results.
-      out.append(tool_calls_lib.TOOL_RESPONSE_START)
+      out.append((tool_calls_lib.TOOL_RESPONSE_START, by_model))
     elif responded and not text:
       # The model's answer after the tool results continues this turn.
       model_turn_open = True
     else:
-      out.append('<turn|>\n')
+      # The model ends its turn with `<turn|>`; the newline after it is
+      # part of the next header, never sampled.
+      out.append(('<turn|>', by_model))
+      out.append(('\n', False))
 
   if add_generation_prompt and last_kind not in ('tool_call', 'tool_response'):
-    out.append('<|turn>model\n')
+    out.append(('<|turn>model\n', False))
     if empty_thought_when_not_thinking and not thinking:
-      out.append(EMPTY_THOUGHT)
-  return ''.join(out)
+      out.append((EMPTY_THOUGHT, False))
+  return out
 
 
 def encode_chat(
@@ -243,3 +275,70 @@ def encode_chat(
   )
   # `<bos>` is a control piece, so its text would encode as plain characters.
   return tokenizer.encode(text.removeprefix(BOS_TEXT), add_bos=True)
+
+
+def encode_chat_for_training(
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    *,
+    tools: Sequence[tools_lib.ToolLike] | None = None,
+    thinking: bool = False,
+) -> tuple[list[int], list[float]]:
+  """Encode a finished conversation with a loss weight for every token.
+
+  The ids equal `encode_chat(..., add_generation_prompt=False)`. A token has
+  weight 1.0 when the model writes it in its own turn, which means:
+
+  - the thought `<|channel>thought\\n...<channel|>` where `format_chat`
+    renders it (only in tool-calling messages after the last user turn);
+  - each tool call `<|tool_call>call:NAME{...}<tool_call|>`;
+  - the `<|tool_response>` that ends the calls, at which the model stops;
+  - the answer text;
+  - the `<turn|>` that closes a model turn, so the model learns to stop.
+
+  Every other token has weight 0.0: `<bos>`, the system turn with the tool
+  declarations, user turns, all turn headers (`<|turn>model\\n` included),
+  the tool responses after the first `<|tool_response>`, and the `\\n` after
+  each `<turn|>`.
+
+  Each span is encoded on its own. Every boundary between spans of different
+  weight sits next to a piece that SentencePiece always splits off (`\\n`,
+  `<turn|>`, `<|tool_call>`, `<|tool_response>`, `<tool_response|>` and the
+  other user-defined symbols of the Gemma 4 tokenizer), so the concatenated
+  ids are the ids of the whole text.
+
+  Returns:
+    `(ids, weights)`, two lists of equal length starting with `<bos>`.
+  """
+  if tools or any(m.get('tool_calls') or _role(m) == 'tool' for m in messages):
+    tokenizer.require(TOOL_PIECES, feature='tool use')
+  if thinking:
+    tokenizer.require(THINKING_PIECES, feature='thinking')
+  spans = _render_chat_spans(
+      messages,
+      tools=tools,
+      thinking=thinking,
+      add_generation_prompt=False,
+      empty_thought_when_not_thinking=False,
+  )
+
+  # Merge neighbours of equal weight so that spans split only where the
+  # weight changes.
+  merged: list[tuple[str, bool]] = []
+  for text, by_model in spans:
+    if merged and merged[-1][1] == by_model:
+      merged[-1] = (merged[-1][0] + text, by_model)
+    elif text:
+      merged.append((text, by_model))
+
+  ids: list[int] = []
+  weights: list[float] = []
+  for span_index, (text, by_model) in enumerate(merged):
+    if span_index == 0:
+      # `<bos>` is a control piece, so its text would encode as plain characters.
+      span_ids = tokenizer.encode(text.removeprefix(BOS_TEXT), add_bos=True)
+    else:
+      span_ids = tokenizer.encode(text, add_bos=False)
+    ids.extend(span_ids)
+    weights.extend([1.0 if by_model else 0.0] * len(span_ids))
+  return ids, weights
