@@ -34,7 +34,7 @@ def positions_from_mask(input_mask: jax.Array) -> jax.Array:
 def causal_mask(
     input_mask: jax.Array, segment_ids: jax.Array | None = None
 ) -> jax.Array:
-  """Mask [B, T, T]: query t sees valid keys s <= t (of its own segment)."""
+  """Mask [B, T, T]: query t may attend to valid keys s <= t of its segment."""
   length = input_mask.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
   mask = causal[None] & input_mask[:, None, :].astype(jnp.bool_)
@@ -224,7 +224,7 @@ class Attention(nn.Module):
     return k, v
 
   def view_of_cache(self, cache: LayerCache) -> KVView:
-    """The keys and values stored in `cache`, keys rebuilt if not stored."""
+    """Return the keys and values in `cache`, rebuilding keys it does not store."""
     keys = cache.keys
     if keys is None:
       # Keys equal values up to the key-norm scale: K = RoPE(v * scale).
@@ -248,7 +248,7 @@ class Attention(nn.Module):
       positions: [B, T] positions of the chunk's tokens.
       valid: [B, T], False for padding tokens (neither stored nor attended).
       cache: This layer's cache, or None for a KV-shared layer.
-      mode: 'fresh' when the cache holds nothing yet (the chunk attends to
+      mode: 'fresh' when the cache is still empty (the chunk attends to
         itself only), 'extend' when the chunk continues what is cached.
       shared_view: For KV-shared layers, the view of the source layer.
 
