@@ -280,7 +280,7 @@ class Sampler:
       add_bos: bool | None = None,
   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens [B], active [B]) after each step; see `generate`."""
-    result = self._run(
+    return self._run(
         prompts,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
@@ -291,7 +291,6 @@ class Sampler:
         state=state,
         add_bos=add_bos,
     )
-    return result
 
   def generate(
       self,
@@ -411,6 +410,8 @@ class Sampler:
       raise TypeError('prompts must be a list; wrap one prompt as [prompt]')
     if max_new_tokens < 1:
       raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
+    if stop_strings and self.tokenizer is None:
+      raise ValueError('stop_strings need a tokenizer; pass tokenizer=')
     if add_bos is None:
       add_bos = state is None
     encoded = self._encode(prompts, add_bos)
@@ -467,8 +468,6 @@ class Sampler:
       )
 
     stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
-    if stop_strings and self.tokenizer is None:
-      raise ValueError('stop_strings need a tokenizer; pass tokenizer=')
     return logits, cache, stop_ids, steps
 
   def _run(
