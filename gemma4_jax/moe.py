@@ -49,6 +49,35 @@ def route(
   return weights, experts
 
 
+def load_balancing_loss(
+    router_logits: jax.Array, experts: jax.Array, num_experts: int
+) -> jax.Array:
+  """Compute the auxiliary loss that pushes a router to use every expert.
+
+  The loss is `E * sum_e f_e * p_e`, where `f_e` is the fraction of the M*k expert
+  assignments that went to expert e and `p_e` is the mean router probability
+  of e over the M tokens. It is 1 when routing is uniform and grows up to E
+  as the assignments and the probabilities concentrate on fewer experts.
+  Only `p_e` carries a gradient (the top-k choice is not differentiable).
+
+  NOTE: `MoE` sows this over all the tokens it gets, padding included,
+  because the block does not see the input mask.
+
+  Args:
+    router_logits: [M, E] router logits.
+    experts: [M, k] chosen expert ids.
+    num_experts: E.
+
+  Returns:
+    A float32 scalar.
+  """
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  assigned = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [M, k, E]
+  fraction = jnp.mean(jnp.sum(assigned, axis=1), axis=0) / experts.shape[-1]
+  mean_prob = jnp.mean(probs, axis=0)
+  return num_experts * jnp.sum(jax.lax.stop_gradient(fraction) * mean_prob)
+
+
 def _tile_size(num_rows: int, num_experts: int) -> int:
   """Rows per tile: about the mean rows per expert, a power of two in [1, 256]."""
   mean_rows = max(1, -(-num_rows // num_experts))
@@ -224,9 +253,13 @@ class MoE(nn.Module):
         jnp.asarray(self.embed_dim, router_in.dtype)
     )
     router_in = router_in * self.router_scale.astype(router_in.dtype)
-    weights, experts = route(
-        self.router_logits('MD,DE->ME', router_in), k
-    )  # [M, k]
+    router_logits = self.router_logits('MD,DE->ME', router_in)
+    weights, experts = route(router_logits, k)  # [M, k]
+    self.sow(
+        'intermediates',
+        'load_balancing_loss',
+        load_balancing_loss(router_logits, experts, self.num_experts),
+    )
 
     out = grouped_expert_mlp(
         tokens,

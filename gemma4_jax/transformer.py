@@ -211,6 +211,15 @@ class Block(nn.Module):
     return self.after_attention(x, attn_out, per_layer_input), new_cache, view
 
 
+# Rematerialisation choices of `Transformer.remat`: the `jax.checkpoint`
+# policy of each block, which names the intermediates the backward pass keeps.
+REMAT_POLICIES = {
+    'none': None,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class Transformer(nn.Module):
   """Gemma 4 text decoder.
 
@@ -221,18 +230,31 @@ class Transformer(nn.Module):
     moe_implementation: How MoE blocks run their experts: 'ragged'
       (`jax.lax.ragged_dot`, for GPU and TPU), 'tiled' (a loop over expert
       tiles, for CPU) or 'auto' (by the default backend).
+    remat: What the backward pass of `__call__` keeps of each block's
+      forward pass (see `REMAT_POLICIES`): 'none' keeps everything, 'dots'
+      keeps only the outputs of weight matmuls and recomputes the rest,
+      'full' keeps only the block's input and recomputes the whole block.
+      Sampling (`cached`) is not affected.
   """
 
   config: Gemma4Config
   dtype: Any = jnp.bfloat16
   pad_id: int = 0
   moe_implementation: str = 'auto'
+  remat: str = 'none'
 
   def setup(self):
     cfg = self.config
     self.embedder = Embedder(cfg, dtype=self.dtype)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(
+          f'remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}'
+      )
+    block_class = Block
+    if self.remat != 'none':
+      block_class = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
     self.blocks = [
-        Block(
+        block_class(
             cfg,
             i,
             dtype=self.dtype,

@@ -111,6 +111,7 @@ def model_loss(
     *,
     chunk_size: int,
     rngs: dict[str, jax.Array] | None = None,
+    load_balancing_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Run `model` on a training batch and return its chunked cross-entropy.
 
@@ -123,11 +124,20 @@ def model_loss(
       `gemma4_jax.training.data` yields them.
     chunk_size: Positions per loss chunk.
     rngs: PRNG streams passed to `model.apply`.
+    load_balancing_weight: Weight of the MoE router load-balancing loss
+      (`gemma4_jax.moe.load_balancing_loss`, averaged over the MoE layers);
+      0 leaves it out. Ignored for models without experts.
 
   Returns:
-    The loss and metrics of `chunked_cross_entropy`.
+    The mean cross-entropy and the metrics of `chunked_cross_entropy`, plus
+    `objective_sum`: the quantity to differentiate, `loss_sum +
+    load_balancing_weight * load_balancing_loss * weight_sum`, so that
+    dividing it by the total weight of a batch adds the weighted auxiliary
+    loss to the mean cross-entropy. With a load-balancing weight the metrics
+    also hold `load_balancing_loss`.
   """
   segment_ids = batch['segment_ids']
+  with_balance = load_balancing_weight > 0 and model.config.is_moe
   output = model.apply(
       {'params': params},
       batch['tokens'],
@@ -137,8 +147,21 @@ def model_loss(
       return_logits=False,
       return_hidden_states=True,
       rngs=rngs,
+      mutable=['intermediates'] if with_balance else False,
   )
-  return chunked_cross_entropy(
+  if with_balance:
+    output, state = output
+    per_layer = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            state['intermediates']
+        )
+        if any(
+            getattr(key, 'key', None) == 'load_balancing_loss' for key in path
+        )
+    ]
+    balance = jnp.mean(jnp.stack(per_layer))
+  loss, metrics = chunked_cross_entropy(
       output.hidden_states,
       params['embedder']['input_embedding'],
       batch['targets'],
@@ -146,3 +169,10 @@ def model_loss(
       final_logit_softcap=model.config.final_logit_softcap,
       chunk_size=chunk_size,
   )
+  metrics['objective_sum'] = metrics['loss_sum']
+  if with_balance:
+    metrics['load_balancing_loss'] = balance
+    metrics['objective_sum'] = metrics['loss_sum'] + (
+        load_balancing_weight * balance * metrics['weight_sum']
+    )
+  return loss, metrics
