@@ -46,7 +46,7 @@ def _role(message: Message) -> str:
   return role
 
 
-def _content_text(message: Message) -> str:
+def content_text(message: Message) -> str:
   content = message.get('content')
   if content is None:
     return ''
@@ -75,7 +75,7 @@ def strip_thinking(text: str) -> str:
   return ''.join(pieces).strip()
 
 
-def _call_name_and_arguments(call: Any) -> tuple[str, Any]:
+def call_name_and_arguments(call: Any) -> tuple[str, Any]:
   """Accept OpenAI calls, `{'name', 'arguments'}` mappings and `ToolCall`s."""
   if isinstance(call, tool_calls_lib.ToolCall):
     return call.name, call.arguments
@@ -100,7 +100,7 @@ def _tool_response_name(message: Message, calls: Sequence[Any]) -> str:
   name = message.get('name') or 'unknown'
   for call in calls:
     if isinstance(call, Mapping) and call_id is not None and call.get('id') == call_id:
-      name = _call_name_and_arguments(call)[0]
+      name = call_name_and_arguments(call)[0]
   return name
 
 
@@ -108,7 +108,7 @@ def _tool_response_value(message: Message) -> Any:
   content = message.get('content')
   if isinstance(content, (Mapping, str)) or content is None:
     return '' if content is None else content
-  return _content_text(message)
+  return content_text(message)
 
 
 def format_chat(
@@ -175,7 +175,7 @@ def _render_chat_spans(
     if thinking:
       out.append(('<|think|>\n', False))
     if first_is_system:
-      out.append((_content_text(messages[0]).strip(), False))
+      out.append((content_text(messages[0]).strip(), False))
       messages = messages[1:]
     for tool in tools or ():
       out.append((tools_lib.format_declaration(tool), False))
@@ -202,7 +202,7 @@ def _render_chat_spans(
       out.append((f'<|channel>thought\n{thought}\n<channel|>', by_model))
 
     for call in calls:
-      name, arguments = _call_name_and_arguments(call)
+      name, arguments = call_name_and_arguments(call)
       out.append((tool_calls_lib.format_tool_call(name, arguments), by_model))
     if calls:
       last_kind = 'tool_call'
@@ -224,7 +224,7 @@ def _render_chat_spans(
         responded = True
         last_kind = 'tool_response'
 
-    text = _content_text(message)
+    text = content_text(message)
     text = strip_thinking(text) if role == 'model' else text.strip()
     out.append((text, by_model))
 
