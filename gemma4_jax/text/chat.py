@@ -47,6 +47,7 @@ def _role(message: Message) -> str:
 
 
 def content_text(message: Message) -> str:
+  """Return a message's text: its string content or its joined text parts."""
   content = message.get('content')
   if content is None:
     return ''
@@ -76,7 +77,8 @@ def strip_thinking(text: str) -> str:
 
 
 def call_name_and_arguments(call: Any) -> tuple[str, Any]:
-  """Accept OpenAI calls, `{'name', 'arguments'}` mappings and `ToolCall`s."""
+  """Return the name and arguments of an OpenAI-style call, a mapping with
+  `name` and `arguments`, or a `ToolCall`."""
   if isinstance(call, tool_calls_lib.ToolCall):
     return call.name, call.arguments
   if isinstance(call, Mapping):
