@@ -17,6 +17,18 @@ after another, and their gradients of the summed token losses are added up.
 The step then divides by the batch's total loss weight, so its update equals
 that of the whole batch at once, whatever the number of weighted tokens in
 each slice, and it makes one optimizer update per call.
+
+LoRA fine-tuning uses the same step with `make_train_step(..., lora=...)`:
+
+    adapters = lora.init_adapters(params, lora_config, key,
+                                  model_config=model_config)
+    state = init_train_state(adapters, config, jax.random.key(0))
+    train_step = make_train_step(model, config, lora=lora_config)
+    state, metrics = train_step(state, batch, base_params)
+
+The state then contains only the float32 adapters and their AdamW moments.
+The frozen base parameters are a separate argument, already in the model's
+`dtype` and not donated, so they are neither copied to float32 nor updated.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemma4_jax.training import lora as lora_lib
 from gemma4_jax.training import loss as loss_lib
 from gemma4_jax.transformer import Transformer
 
@@ -41,6 +54,8 @@ _NO_DECAY_NAMES = frozenset(
 _EMBEDDING_NAMES = frozenset({'input_embedding', 'per_layer_embeddings'})
 
 _BATCH_KEYS = ('tokens', 'targets', 'loss_weights', 'positions', 'segment_ids')
+# Metrics of `loss_lib.model_loss` that the step adds up over micro-batches.
+_SUMMED_METRICS = ('loss_sum', 'weight_sum', 'num_tokens')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +114,8 @@ class TrainState:
   """Everything a train step reads and updates.
 
   Attributes:
-    params: Float32 master parameters (the decoder's parameter tree).
+    params: Float32 master parameters (the decoder's parameter tree), or the
+      float32 LoRA adapters in a LoRA step.
     opt_state: Optax state of `make_optimizer`, float32.
     step: Int32 scalar, the number of optimizer updates made.
     rng: PRNG key. Each step splits it and passes one half to the model as
@@ -134,11 +150,14 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 
   Norm scales, skip and MoE scales, biases and every parameter with fewer
   than two dimensions are not decayed. The embedding tables are decayed only
-  when `decay_embeddings` is set.
+  when `decay_embeddings` is set. Both LoRA factors `lora_a` and `lora_b`
+  are decayed: shrinking them pulls the adapted model towards the base.
   """
 
   def decays(path, value) -> bool:
     name = path[-1].key
+    if name in (lora_lib.LORA_A, lora_lib.LORA_B):
+      return True
     if name in _NO_DECAY_NAMES or jnp.ndim(value) < 2:
       return False
     if name in _EMBEDDING_NAMES:
@@ -177,7 +196,11 @@ def _cast_floating(tree: Any, dtype: Any) -> Any:
 def init_train_state(
     params: Any, config: OptimizerConfig, rng: jax.Array
 ) -> TrainState:
-  """Build the state before the first step: float32 `params`, fresh AdamW."""
+  """Build the state before the first step: float32 `params`, fresh AdamW.
+
+  `params` are the decoder's parameters for full fine-tuning, or the adapters
+  of `lora.init_adapters` for a LoRA step.
+  """
   master = _cast_floating(params, jnp.float32)
   return TrainState(
       params=master,
@@ -210,55 +233,51 @@ def _split_microbatches(
   return out
 
 
-def make_train_step(
-    model: Transformer,
+def _check_base_dtypes(base_params: Any, dtype: Any) -> None:
+  """Raise unless every floating leaf of `base_params` is in `dtype`."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(base_params):
+    leaf_dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(leaf_dtype, jnp.floating) and leaf_dtype != dtype:
+      raise ValueError(
+          f'base parameter {jax.tree_util.keystr(path)} has dtype'
+          f' {leaf_dtype}, but the model computes in {jnp.dtype(dtype)}; cast'
+          ' the base parameters to the model dtype once before training, so'
+          ' that the step does not cast (and hold) a second copy every call'
+      )
+
+
+def _accumulating_step(
+    loss_and_metrics: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
     config: OptimizerConfig,
-    *,
-    loss_chunk_size: int = 512,
-) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
-  """Build the jitted step `(state, batch) -> (new_state, metrics)`.
+    averaged_metrics: tuple[str, ...] = (),
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Build the un-jitted step `(state, batch, frozen) -> (new_state, metrics)`.
 
-  The step donates `state`, so the caller must not read the state it passed
-  in after the call. Metrics are float32 scalars: `loss` (mean over weighted
-  tokens), `loss_sum`, `weight_sum`, `num_tokens`, `grad_norm` (global norm
-  before clipping) and `learning_rate` (the rate this update used).
-
-  Args:
-    model: The decoder; its `dtype` is the compute dtype of the step.
-    config: Optimizer settings.
-    loss_chunk_size: Sequence positions per chunk of the cross-entropy.
+  `loss_and_metrics(trainable, micro_batch, rng, frozen)` returns the
+  summed objective of one micro-batch (the value differentiated with
+  respect to `trainable`) and its metrics. `frozen` is passed through
+  without gradients: None for full fine-tuning, the base parameters for
+  LoRA. Metrics named in `averaged_metrics` are per-micro-batch means, and
+  the step reports their mean over the micro-batches.
   """
   optimizer = make_optimizer(config)
   schedule = learning_rate_schedule(config)
+  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
 
-  def loss_sum_and_metrics(master_params, micro_batch, rng):
-    params = _cast_floating(master_params, model.dtype)
-    _, metrics = loss_lib.model_loss(
-        model,
-        params,
-        micro_batch,
-        chunk_size=loss_chunk_size,
-        rngs={'dropout': rng},
-    )
-    return metrics['loss_sum'], metrics
-
-  grad_fn = jax.grad(loss_sum_and_metrics, has_aux=True)
-
-  def train_step(state: TrainState, batch: dict[str, Any]):
+  def train_step(state: TrainState, batch: dict[str, Any], frozen: Any):
     rng, step_rng = jax.random.split(state.rng)
     micro_batches = _split_microbatches(batch, config.num_microbatches)
     micro_rngs = jax.random.split(step_rng, config.num_microbatches)
 
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    zero_metrics = {
-        name: jnp.zeros((), jnp.float32)
-        for name in ('loss_sum', 'weight_sum', 'num_tokens')
-    }
+    accumulated = (*_SUMMED_METRICS, *averaged_metrics)
+    zero_metrics = {name: jnp.zeros((), jnp.float32) for name in accumulated}
 
     def body(carry, inputs):
       grad_sum, metric_sums = carry
       micro_batch, micro_rng = inputs
-      grads, metrics = grad_fn(state.params, micro_batch, micro_rng)
+      grads, metrics = grad_fn(state.params, micro_batch, micro_rng, frozen)
+      metrics = {name: metrics[name] for name in accumulated}
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
       return (grad_sum, metric_sums), None
@@ -284,9 +303,101 @@ def make_train_step(
         'grad_norm': optax.global_norm(grads),
         'learning_rate': jnp.asarray(schedule(state.step), jnp.float32),
     }
+    for name in averaged_metrics:
+      metrics[name] = sums[name] / config.num_microbatches
     new_state = TrainState(
         params=params, opt_state=opt_state, step=state.step + 1, rng=rng
     )
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  return train_step
+
+
+def make_train_step(
+    model: Transformer,
+    config: OptimizerConfig,
+    *,
+    lora: lora_lib.LoraConfig | None = None,
+    loss_chunk_size: int = 512,
+    load_balancing_weight: float = 0.0,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """Build the jitted step of full fine-tuning or of LoRA.
+
+  Without `lora` the step is `(state, batch) -> (new_state, metrics)` and
+  `state.params` are the float32 master parameters. With `lora` it is
+  `(state, batch, base_params) -> (new_state, metrics)`: `state.params` are
+  the float32 adapters, and `base_params` are the frozen decoder parameters
+  in `model.dtype` (a ValueError otherwise). Each micro-batch then runs the
+  model on `lora.apply_adapters(base_params, adapters, ...)`.
+
+  NOTE: The merged weights `W + scale * A B` are materialised, so a LoRA step
+  keeps a second `model.dtype` copy of every adapted weight (and forms each
+  one's full gradient) while it runs. That doubles the weight memory of the
+  adapted layers.
+
+  The step donates `state` (never `base_params`), so the caller must not read
+  the state it passed in after the call. Metrics are float32 scalars: `loss`
+  (mean over weighted tokens), `loss_sum`, `weight_sum`, `num_tokens`,
+  `grad_norm` (global norm before clipping) and `learning_rate` (the rate
+  this update used). With a load-balancing loss they also contain
+  `load_balancing_loss`, the mean over micro-batches, and the gradient is
+  that of `loss + load_balancing_weight * load_balancing_loss`.
+
+  Args:
+    model: The decoder; its `dtype` is the compute dtype of the step.
+    config: Optimizer settings.
+    lora: The adapters' config, for a LoRA step.
+    loss_chunk_size: Sequence positions per chunk of the cross-entropy.
+    load_balancing_weight: Weight of the MoE router load-balancing loss of
+      `loss_lib.model_loss`; 0 leaves it out. Ignored for dense models.
+  """
+  if not load_balancing_weight >= 0:
+    raise ValueError(
+        'load_balancing_weight must be 0 or positive, got'
+        f' {load_balancing_weight}'
+    )
+  with_balance = load_balancing_weight > 0 and model.config.is_moe
+  loss_options = {}
+  averaged_metrics = ()
+  if with_balance:
+    loss_options['load_balancing_weight'] = load_balancing_weight
+    averaged_metrics = ('load_balancing_loss',)
+
+  def run_loss(params, micro_batch, rng):
+    _, metrics = loss_lib.model_loss(
+        model,
+        params,
+        micro_batch,
+        chunk_size=loss_chunk_size,
+        rngs={'dropout': rng},
+        **loss_options,
+    )
+    objective = metrics['objective_sum'] if with_balance else metrics['loss_sum']
+    return objective, metrics
+
+  if lora is None:
+
+    def full_loss(master_params, micro_batch, rng, frozen):
+      del frozen
+      return run_loss(
+          _cast_floating(master_params, model.dtype), micro_batch, rng
+      )
+
+    step = _accumulating_step(full_loss, config, averaged_metrics)
+
+    def full_step(state: TrainState, batch: dict[str, Any]):
+      return step(state, batch, None)
+
+    return jax.jit(full_step, donate_argnums=0)
+
+  def lora_loss(adapters, micro_batch, rng, base_params):
+    params = lora_lib.apply_adapters(base_params, adapters, lora, model.dtype)
+    return run_loss(params, micro_batch, rng)
+
+  step = _accumulating_step(lora_loss, config, averaged_metrics)
+
+  def lora_step(state: TrainState, batch: dict[str, Any], base_params: Any):
+    _check_base_dtypes(base_params, model.dtype)
+    return step(state, batch, base_params)
+
+  return jax.jit(lora_step, donate_argnums=0)

@@ -1,0 +1,503 @@
+"""The fine-tuning loop: data, train steps, checkpoints, metrics, evaluation.
+
+    from gemma4_jax.training import run_config, trainer
+    run = run_config.base_config()
+    run.workdir = '/tmp/run'
+    run.data.train = 'train.jsonl'
+    result = trainer.train(run)
+
+`train` does, in order:
+
+1. build the tokenizer, the model config (from `init_checkpoint` or the
+   preset with overrides) and the batch pipeline;
+2. restore the newest checkpoint in `workdir/checkpoints`, or start from
+   `init_checkpoint` or random parameters;
+3. run train steps up to `optimizer.total_steps` (or `stop_after_steps`),
+   with a progress bar, metrics to `metrics.jsonl` and TensorBoard, periodic
+   perplexity on `data.eval`, and checkpoints every `checkpoint.every_steps`;
+4. at the end, save the last checkpoint, export the model (merged with its
+   LoRA adapters) in the release layout under `workdir/export`, and score
+   greedy generations on held-out conversations.
+
+A SIGTERM (how TPU VMs and Vertex AI announce preemption) ends the loop
+after the current step, saves a checkpoint of that step, and returns with
+`preempted=True`. Running the same configuration again resumes from the
+newest checkpoint: parameters, optimizer state, step, PRNG key and the data
+position, so the resumed run's losses are those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from gemma4_jax import checkpoint as checkpoint_lib
+from gemma4_jax import config as config_lib
+from gemma4_jax import evaluation
+from gemma4_jax.text.tokenizer import Tokenizer
+from gemma4_jax.training import checkpointing
+from gemma4_jax.training import data as data_lib
+from gemma4_jax.training import lora as lora_lib
+from gemma4_jax.training import metrics as metrics_lib
+from gemma4_jax.training import step as step_lib
+from gemma4_jax.transformer import Transformer
+
+EXPORT_DIR = 'export'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+@dataclasses.dataclass
+class RunResult:
+  """Outcome of one call of `train`.
+
+  Attributes:
+    workdir: The run's directory.
+    start_step: Step the call started from (0, or a restored checkpoint's).
+    last_step: Step reached when the call returned.
+    preempted: A SIGTERM ended the loop early.
+    last_metrics: The last metrics record written.
+    export_path: The exported checkpoint, or None.
+    tokenizer_path: The tokenizer the run used.
+    perplexity: The last perplexity evaluation, or None.
+    generation: The generation scores of the end of the run, or None.
+  """
+
+  workdir: Path
+  start_step: int
+  last_step: int
+  preempted: bool
+  last_metrics: dict[str, Any]
+  export_path: Path | None = None
+  tokenizer_path: Path | None = None
+  perplexity: evaluation.PerplexityResult | None = None
+  generation: evaluation.GenerationResult | None = None
+
+
+class _PreemptionSignal:
+  """Sets a flag on SIGTERM while installed (main thread only)."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning(
+        'received signal %d: saving a checkpoint after this step', signum
+    )
+    self.received = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process_received(self) -> bool:
+    """Return whether any process got the signal (the same on all of them)."""
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    flags = multihost_utils.process_allgather(np.array(self.received))
+    return bool(np.any(flags))
+
+
+def dtype_from_name(name: str) -> Any:
+  """Return the JAX dtype called `name` ('bfloat16', 'float32', ...)."""
+  try:
+    return jnp.dtype(name)
+  except TypeError as error:
+    raise ValueError(
+        f'unknown dtype {name!r}; use bfloat16, float16 or float32'
+    ) from error
+
+
+def tokenizer_path(run: ml_collections.ConfigDict) -> Path:
+  """Return the run's tokenizer file, fetching the released one if unset."""
+  if run.tokenizer:
+    path = Path(run.tokenizer)
+    if not path.is_file():
+      raise FileNotFoundError(
+          f'tokenizer {str(path)!r} not found; pass a SentencePiece .model'
+          ' file, or an empty tokenizer to fetch the released Gemma 4 one'
+      )
+    return path
+  from gemma4_jax.text.fetch import fetch_tokenizer  # pylint: disable=g-import-not-at-top
+
+  return Path(fetch_tokenizer())
+
+
+def model_config(
+    run: ml_collections.ConfigDict, tokenizer: Tokenizer
+) -> config_lib.Gemma4Config:
+  """Return the decoder config: from `init_checkpoint`, or preset + overrides."""
+  if run.init_checkpoint:
+    config = checkpoint_lib.config_from_checkpoint(run.init_checkpoint)
+  else:
+    overrides = dict(run.model.overrides.to_dict())
+    if overrides.get('vocab_size', None) == 0:
+      overrides['vocab_size'] = tokenizer.vocab_size
+    for key, value in overrides.items():
+      if isinstance(value, (list, tuple)):
+        overrides[key] = tuple(value)
+    if 'attention_pattern' in overrides:
+      overrides['attention_pattern'] = tuple(
+          config_lib.AttentionKind(kind)
+          for kind in overrides['attention_pattern']
+      )
+    config = config_lib.get_preset(run.model.preset)
+    if overrides:
+      overrides.setdefault('name', f'{run.model.preset}_custom')
+      config = dataclasses.replace(config, **overrides)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(
+        f'the tokenizer has {tokenizer.vocab_size} pieces but the model'
+        f' {config.name!r} only {config.vocab_size} embeddings; use the'
+        ' tokenizer the model was trained with'
+    )
+  return config
+
+
+def _lora_config(run: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+  if run.lora.rank <= 0:
+    return None
+  return lora_lib.LoraConfig(
+      rank=run.lora.rank, alpha=run.lora.alpha, targets=tuple(run.lora.targets)
+  )
+
+
+def optimizer_config(run: ml_collections.ConfigDict) -> step_lib.OptimizerConfig:
+  fields = run.optimizer.to_dict()
+  if fields.get('max_grad_norm', None) in (0, 0.0):
+    fields['max_grad_norm'] = None
+  return step_lib.OptimizerConfig(**fields)
+
+
+def _cast_floating(tree: Any, dtype: Any) -> Any:
+  def cast(x):
+    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      return jnp.asarray(x, dtype)
+    return x
+
+  return jax.tree.map(cast, tree)
+
+
+def _write_run_info(workdir: Path, run: ml_collections.ConfigDict, cfg) -> None:
+  info = {
+      'run_config': run.to_dict(),
+      'model_config': {
+          k: v for k, v in dataclasses.asdict(cfg).items()
+          if isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+      },
+  }
+  tmp = workdir / 'run.json.tmp'
+  tmp.write_text(json.dumps(info, indent=1, default=str))
+  os.replace(tmp, workdir / 'run.json')
+
+
+def train(run: ml_collections.ConfigDict) -> RunResult:
+  """Run (or resume) the fine-tuning described by `run`; see the module doc."""
+  if not run.workdir:
+    raise ValueError('workdir is empty; set --config.workdir=/path/to/run')
+  if not run.data.train:
+    raise ValueError(
+        'data.train is empty; set --config.data.train=/path/to/train.jsonl'
+    )
+  workdir = Path(run.workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+
+  tok_path = tokenizer_path(run)
+  tokenizer = Tokenizer(tok_path)
+  cfg = model_config(run, tokenizer)
+  compute_dtype = dtype_from_name(run.model.dtype)
+  model = Transformer(
+      config=cfg,
+      dtype=compute_dtype,
+      remat=run.model.remat,
+      moe_implementation=run.model.moe_implementation,
+  )
+  opt_config = optimizer_config(run)
+  lora_config = _lora_config(run)
+  if is_chief:
+    _write_run_info(workdir, run, cfg)
+
+  dataset = data_lib.make_dataset(
+      run.data.train,
+      tokenizer,
+      seq_len=run.data.seq_len,
+      batch_size=run.data.batch_size,
+      seed=run.seed,
+      packing=run.data.packing,
+      source=run.data.source,
+      overlong=run.data.overlong,
+  )
+  batches = iter(dataset)
+
+  # The starting parameters: a checkpoint, or a random initialisation.
+  def initial_params():
+    if run.init_checkpoint:
+      return checkpoint_lib.load_params(
+          run.init_checkpoint, config=cfg, dtype=jnp.float32
+      )
+    init_model = Transformer(config=cfg, dtype=jnp.float32)
+    return init_model.init(
+        jax.random.key(run.seed), jnp.ones((1, 8), jnp.int32)
+    )['params']
+
+  state_rng = jax.random.fold_in(jax.random.key(run.seed), 1)
+  adapter_rng = jax.random.fold_in(jax.random.key(run.seed), 2)
+
+  def initial_state(params):
+    if lora_config is None:
+      return step_lib.init_train_state(params, opt_config, state_rng), None
+    adapters = lora_lib.init_adapters(
+        params, lora_config, adapter_rng, model_config=cfg
+    )
+    base = _cast_floating(params, compute_dtype)
+    return step_lib.init_train_state(adapters, opt_config, state_rng), base
+
+  checkpointer = checkpointing.TrainCheckpointer(
+      workdir / CHECKPOINT_DIR,
+      max_to_keep=run.checkpoint.max_to_keep or None,
+      async_save=run.checkpoint.async_save,
+  )
+  start_time = time.perf_counter()
+  params = initial_params() if (run.init_checkpoint or lora_config) else None
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    if params is None:
+      abstract_params = jax.eval_shape(initial_params)
+      abstract_state = jax.eval_shape(
+          lambda p: initial_state(p)[0], abstract_params
+      )
+      base_params = None
+    else:
+      abstract_state = jax.eval_shape(lambda p: initial_state(p)[0], params)
+      base_params = (
+          None if lora_config is None else _cast_floating(params, compute_dtype)
+      )
+    state, data_state = checkpointer.restore(latest, abstract_state)
+    batches.set_state(data_state)
+    logging.info(
+        'resumed from the checkpoint of step %d in %s (%.1f s)',
+        latest, checkpointer.directory, time.perf_counter() - start_time,
+    )
+  else:
+    if params is None:
+      params = initial_params()
+    state, base_params = initial_state(params)
+    logging.info(
+        'initialised %s from %s (%.1f s)',
+        cfg.name, run.init_checkpoint or f'random, seed {run.seed}',
+        time.perf_counter() - start_time,
+    )
+  del params
+  start_step = int(state.step)
+
+  trainable = lora_lib.describe_trainable(state.params)
+  logging.info('trainable parameters%s:\n%s',
+               ' (LoRA adapters)' if lora_config else '', trainable)
+  opt_bytes = sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state)
+  )
+  logging.info('optimizer state: %.1f MiB', opt_bytes / 2**20)
+
+  train_step = step_lib.make_train_step(
+      model,
+      opt_config,
+      lora=lora_config,
+      loss_chunk_size=run.loss_chunk_size,
+      load_balancing_weight=run.model.load_balancing_weight,
+  )
+
+  def run_step(state, batch):
+    if lora_config is None:
+      return train_step(state, batch)
+    return train_step(state, batch, base_params)
+
+  def eval_params(state):
+    if lora_config is None:
+      return _cast_floating(state.params, compute_dtype)
+    return lora_lib.apply_adapters(
+        base_params, state.params, lora_config, compute_dtype
+    )
+
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step) if is_chief else None
+  end_step = opt_config.total_steps
+  if run.stop_after_steps:
+    end_step = min(end_step, run.stop_after_steps)
+
+  perplexity_result = None
+
+  def evaluate_perplexity(state, step):
+    nonlocal perplexity_result
+    eval_batches = evaluation.evaluation_batches(
+        run.data.eval,
+        tokenizer,
+        seq_len=run.data.seq_len,
+        batch_size=run.data.batch_size,
+        source=run.data.source,
+    )
+    started = time.perf_counter()
+    perplexity_result = evaluation.perplexity(
+        model, eval_params(state), eval_batches, chunk_size=run.loss_chunk_size
+    )
+    logging.info(
+        'step %d: eval loss %.4f, perplexity %.3f over %d tokens (%.1f s)',
+        step, perplexity_result.loss, perplexity_result.perplexity,
+        perplexity_result.num_tokens, time.perf_counter() - started,
+    )
+    if writer:
+      writer.write(step, {
+          'eval_loss': perplexity_result.loss,
+          'eval_perplexity': perplexity_result.perplexity,
+      })
+
+  last_metrics: dict[str, Any] = {}
+  preempted = False
+  step = start_step
+  interval_tokens = 0.0
+  interval_start = time.perf_counter()
+  progress = tqdm.tqdm(
+      total=end_step, initial=start_step, desc='train', unit='step',
+      disable=not is_chief, dynamic_ncols=True,
+  )
+  with _PreemptionSignal() as preemption:
+    while step < end_step:
+      batch = next(batches)
+      state, metrics = run_step(state, batch)
+      step += 1
+      interval_tokens += float(np.sum(batch['segment_ids'] != 0))
+      progress.update(1)
+
+      if step % run.log_every_steps == 0 or step == end_step:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - interval_start
+        values['tokens_per_second'] = interval_tokens / max(elapsed, 1e-9)
+        interval_tokens, interval_start = 0.0, time.perf_counter()
+        last_metrics = {'step': step, **values}
+        progress.set_postfix(
+            loss=f'{values["loss"]:.4f}',
+            tok_s=f'{values["tokens_per_second"]:.0f}',
+            lr=f'{values["learning_rate"]:.2e}',
+        )
+        if writer:
+          writer.write(step, values)
+
+      preempted = preemption.any_process_received()
+      if (
+          preempted
+          or step % run.checkpoint.every_steps == 0
+          or step == end_step
+      ):
+        checkpointer.save(step, state, batches.get_state())
+      if run.data.eval and run.eval.every_steps and (
+          step % run.eval.every_steps == 0
+      ):
+        evaluate_perplexity(state, step)
+      if preempted:
+        logging.warning('stopping at step %d after the signal', step)
+        break
+  progress.close()
+  if step == start_step and step == end_step:
+    logging.info('the run is already at step %d; nothing to train', step)
+  checkpointer.close()
+  logging.info('checkpoint of step %d saved in %s', step, checkpointer.directory)
+
+  result = RunResult(
+      workdir=workdir,
+      start_step=start_step,
+      last_step=step,
+      preempted=preempted,
+      last_metrics=last_metrics,
+      tokenizer_path=tok_path,
+  )
+  if preempted or step < opt_config.total_steps:
+    if writer:
+      writer.close()
+    return result
+
+  # The run is complete: final evaluations and the exported model.
+  if run.data.eval and not (
+      run.eval.every_steps and step % run.eval.every_steps == 0
+  ):
+    evaluate_perplexity(state, step)
+  result.perplexity = perplexity_result
+
+  final_params = eval_params(state)
+  if run.export.layout and is_chief:
+    export_dir = workdir / EXPORT_DIR
+    export_dir.mkdir(exist_ok=True)
+    exported = _cast_floating(
+        final_params if lora_config is None
+        else lora_lib.merge(base_params, state.params, lora_config),
+        dtype_from_name(run.export.dtype),
+    )
+    result.export_path = checkpoint_lib.save_params(
+        exported, export_dir / 'checkpoint', layout=run.export.layout,
+        overwrite=True,
+    )
+    shutil.copyfile(tok_path, export_dir / 'tokenizer.model')
+    logging.info('exported the %s model to %s', run.export.layout, result.export_path)
+
+  if run.data.eval and run.eval.generation_examples:
+    result.generation = score_generation(
+        model, final_params, tokenizer, run, writer, step
+    )
+  if writer:
+    writer.close()
+  return result
+
+
+def score_generation(
+    model: Transformer,
+    params: Any,
+    tokenizer: Tokenizer,
+    run: ml_collections.ConfigDict,
+    writer: metrics_lib.MetricWriter | None,
+    step: int,
+) -> evaluation.GenerationResult:
+  """Score greedy generations on the first held-out conversations."""
+  from gemma4_jax.sampling.sampler import Sampler  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.training import records as records_lib  # pylint: disable=g-import-not-at-top
+
+  records = records_lib.read_jsonl(run.data.eval, source=run.data.source)
+  examples = evaluation.generation_examples(
+      records, tokenizer, thinking=False,
+      max_examples=run.eval.generation_examples,
+  )
+  started = time.perf_counter()
+  result = evaluation.generation_accuracy(
+      Sampler(model, params, tokenizer),
+      examples,
+      max_new_tokens=run.eval.max_new_tokens,
+      batch_size=run.eval.batch_size,
+      progress=jax.process_index() == 0,
+  )
+  logging.info(
+      'generation exact match %.1f%% (%d of %d held-out conversations, %.1f s)',
+      100 * result.accuracy, result.num_hits, result.num_examples,
+      time.perf_counter() - started,
+  )
+  if writer:
+    writer.write(step, {'generation_exact_match': result.accuracy})
+  return result
