@@ -35,6 +35,35 @@ def _setup_logging() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _call_text(call) -> str:
+  arguments = ', '.join(f'{k}={v!r}' for k, v in call.arguments.items())
+  return f'{call.name}({arguments})'
+
+
+def show_conversations(generation, eval_path: str, count: int) -> None:
+  """Print the request, the raw answer and the parsed calls of a few examples."""
+  from gemma4_jax.training import records as records_lib  # pylint: disable=g-import-not-at-top
+
+  requests = {}
+  for record in records_lib.read_jsonl(eval_path):
+    users = [
+        m for m in record.data.get('messages', []) if m.get('role') == 'user'
+    ]
+    if users:
+      requests[record.location] = users[-1].get('content')
+  for example in generation.examples[:count]:
+    print(f'\nuser:   {requests.get(example.location, "?")}')
+    print(f'model:  {example.text!r}')
+    got = [_call_text(c) for c in example.got.tool_calls]
+    if got:
+      print(f'parsed: {"; ".join(got)}')
+    else:
+      print(f'answer: {example.got.answer.strip()!r}')
+    if not example.hit:
+      expected = [_call_text(c) for c in example.expected.tool_calls]
+      print(f'MISS, expected: {"; ".join(expected) or example.expected.answer!r}')
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -66,6 +95,7 @@ def main(argv) -> int:
         f' ({result.generation.num_hits} of'
         f' {result.generation.num_examples})'
     )
+    show_conversations(result.generation, run.data.eval, run.eval.show_examples)
   return 0
 
 

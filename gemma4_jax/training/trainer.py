@@ -16,8 +16,10 @@
    with a progress bar, metrics to `metrics.jsonl` and TensorBoard, periodic
    perplexity on `data.eval`, and checkpoints every `checkpoint.every_steps`;
 4. at the end, save the last checkpoint, export the model (merged with its
-   LoRA adapters) in the release layout under `workdir/export`, and score
-   greedy generations on held-out conversations.
+   LoRA adapters) in the release layout to `workdir/export/checkpoint`,
+   with the tokenizer and, for LoRA, the adapters on their own
+   (`workdir/export/adapters`), and score greedy generations on held-out
+   conversations.
 
 A SIGTERM (how TPU VMs and Vertex AI announce preemption) ends the loop
 after the current step, saves a checkpoint of that step, and returns with
@@ -148,25 +150,31 @@ def tokenizer_path(run: ml_collections.ConfigDict) -> Path:
 def model_config(
     run: ml_collections.ConfigDict, tokenizer: Tokenizer
 ) -> config_lib.Gemma4Config:
-  """Return the decoder config: from `init_checkpoint`, or preset + overrides."""
+  """Return the decoder config: preset + overrides, or `init_checkpoint`'s.
+
+  With `init_checkpoint` the shapes are read from the checkpoint. A released
+  checkpoint matches its preset; for any other, the preset with overrides
+  supplies what shapes do not show (sliding window, RoPE, ...).
+  """
+  overrides = dict(run.model.overrides.to_dict())
+  if overrides.get('vocab_size', None) == 0:
+    overrides['vocab_size'] = tokenizer.vocab_size
+  for key, value in overrides.items():
+    if isinstance(value, (list, tuple)):
+      overrides[key] = tuple(value)
+  if 'attention_pattern' in overrides:
+    overrides['attention_pattern'] = tuple(
+        config_lib.AttentionKind(kind)
+        for kind in overrides['attention_pattern']
+    )
+  config = config_lib.get_preset(run.model.preset)
+  if overrides:
+    overrides.setdefault('name', f'{run.model.preset}_custom')
+    config = dataclasses.replace(config, **overrides)
   if run.init_checkpoint:
-    config = checkpoint_lib.config_from_checkpoint(run.init_checkpoint)
-  else:
-    overrides = dict(run.model.overrides.to_dict())
-    if overrides.get('vocab_size', None) == 0:
-      overrides['vocab_size'] = tokenizer.vocab_size
-    for key, value in overrides.items():
-      if isinstance(value, (list, tuple)):
-        overrides[key] = tuple(value)
-    if 'attention_pattern' in overrides:
-      overrides['attention_pattern'] = tuple(
-          config_lib.AttentionKind(kind)
-          for kind in overrides['attention_pattern']
-      )
-    config = config_lib.get_preset(run.model.preset)
-    if overrides:
-      overrides.setdefault('name', f'{run.model.preset}_custom')
-      config = dataclasses.replace(config, **overrides)
+    config = checkpoint_lib.config_from_checkpoint(
+        run.init_checkpoint, defaults=config if overrides else None
+    )
   if tokenizer.vocab_size > config.vocab_size:
     raise ValueError(
         f'the tokenizer has {tokenizer.vocab_size} pieces but the model'
@@ -457,6 +465,10 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
         overwrite=True,
     )
     shutil.copyfile(tok_path, export_dir / 'tokenizer.model')
+    if lora_config is not None:
+      lora_lib.save_adapters(
+          state.params, lora_config, export_dir / 'adapters', overwrite=True
+      )
     logging.info('exported the %s model to %s', run.export.layout, result.export_path)
 
   if run.data.eval and run.eval.generation_examples:
