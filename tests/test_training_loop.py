@@ -212,8 +212,10 @@ def test_export_loads_in_official_gemma(full_run, small_tokenizer):
   ours = Transformer(config=cfg, dtype=jnp.float32).apply(
       {'params': ours_params}, tokens
   ).logits
-  scale = float(jnp.max(jnp.abs(theirs)))
-  assert float(jnp.max(jnp.abs(ours - theirs))) <= 1e-4 * scale
+  # On host: the restored parameters may sit on every simulated device.
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  scale = float(np.max(np.abs(theirs)))
+  assert float(np.max(np.abs(ours - theirs))) <= 1e-4 * scale
 
 
 def test_lora_run_exports_merged_model(
@@ -246,8 +248,10 @@ def test_lora_run_exports_merged_model(
   model = Transformer(config=cfg, dtype=jnp.float32)
   ours = model.apply({'params': adapted}, tokens).logits
   unadapted = model.apply({'params': base}, tokens).logits
-  scale = float(jnp.max(jnp.abs(theirs)))
-  assert float(jnp.max(jnp.abs(ours - theirs))) <= 1e-4 * scale
+  # On host: the restored parameters may sit on every simulated device.
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  scale = float(np.max(np.abs(theirs)))
+  assert float(np.max(np.abs(ours - theirs))) <= 1e-4 * scale
   assert float(jnp.max(jnp.abs(unadapted - theirs))) > 1e-2 * scale
 
 

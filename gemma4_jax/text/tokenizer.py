@@ -139,8 +139,14 @@ class Tokenizer:
             ' or retrain the SentencePiece model with'
             f' user_defined_symbols including {piece!r}.'
         )
-      # A model with add_dummy_prefix may put a space piece in front.
-      if not self._sp.IsControl(token_id) and token_id not in self._sp.EncodeAsIds(piece):
+      # Control, unknown and byte pieces never come from text. For the
+      # others, a model with add_dummy_prefix may put a space piece in front.
+      from_text = not (
+          self._sp.IsControl(token_id)
+          or self._sp.IsUnknown(token_id)
+          or self._sp.IsByte(token_id)
+      )
+      if from_text and token_id not in self._sp.EncodeAsIds(piece):
         raise MissingSpecialTokenError(
             f'tokenizer {self.path} has the piece {piece!r} (id {token_id}) but'
             ' does not encode its text as that one token, which'

@@ -50,8 +50,12 @@ Fields:
   stop_after_steps: End this invocation after this step (0: run to
     `optimizer.total_steps`); a later invocation continues the schedule.
   demo: '' or 'tool_calling': generate the tool-calling demo's data and
-    tokenizer into `workdir/data` before training (see
-    `gemma4_jax.demo_data`).
+    tokenizer into `workdir/data` before training, and point `data.train`,
+    `data.eval` and `tokenizer` at them (see `gemma4_jax.demo_data`).
+  demo_data.num_train / num_heldout: conversations generated for training
+    and for the held-out evaluation.
+  demo_data.num_tools: tools declared in each conversation.
+  demo_data.vocab_size: pieces of the tokenizer trained on the demo data.
 """
 
 from __future__ import annotations
@@ -123,6 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.stop_after_steps = 0
   config.demo = ''
+  config.demo_data = ml_collections.ConfigDict()
+  config.demo_data.num_train = 16000
+  config.demo_data.num_heldout = 200
+  config.demo_data.num_tools = 1
+  config.demo_data.vocab_size = 1536
   return config
 
 

@@ -250,6 +250,7 @@ def _accumulating_step(
     loss_and_metrics: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
     config: OptimizerConfig,
     averaged_metrics: tuple[str, ...] = (),
+    compute_dtype: Any = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Build the un-jitted step `(state, batch, frozen) -> (new_state, metrics)`.
 
@@ -259,6 +260,12 @@ def _accumulating_step(
   without gradients: None for full fine-tuning, the base parameters for
   LoRA. Metrics named in `averaged_metrics` are per-micro-batch means, and
   the step reports their mean over the micro-batches.
+
+  With `compute_dtype` the float32 `state.params` are cast to it once per
+  step, `loss_and_metrics` receives and is differentiated with respect to
+  the cast tree, and each micro-batch's gradients are cast back to float32
+  before they are added up. That is the gradient with respect to the
+  float32 parameters, bit for bit, without one cast per micro-batch.
   """
   optimizer = make_optimizer(config)
   schedule = learning_rate_schedule(config)
@@ -269,22 +276,38 @@ def _accumulating_step(
     micro_batches = _split_microbatches(batch, config.num_microbatches)
     micro_rngs = jax.random.split(step_rng, config.num_microbatches)
 
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     accumulated = (*_SUMMED_METRICS, *averaged_metrics)
-    zero_metrics = {name: jnp.zeros((), jnp.float32) for name in accumulated}
+    trainable = state.params
+    if compute_dtype is not None:
+      trainable = _cast_floating(state.params, compute_dtype)
 
-    def body(carry, inputs):
-      grad_sum, metric_sums = carry
-      micro_batch, micro_rng = inputs
-      grads, metrics = grad_fn(state.params, micro_batch, micro_rng, frozen)
-      metrics = {name: metrics[name] for name in accumulated}
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
-      return (grad_sum, metric_sums), None
+    def micro_step(micro_batch, micro_rng):
+      grads, metrics = grad_fn(trainable, micro_batch, micro_rng, frozen)
+      if compute_dtype is not None:
+        grads = _cast_floating(grads, jnp.float32)
+      return grads, {name: metrics[name] for name in accumulated}
 
-    (grad_sum, sums), _ = jax.lax.scan(
-        body, (zero_grads, zero_metrics), (micro_batches, micro_rngs)
-    )
+    if config.num_microbatches == 1:
+      # A single slice needs no loop and no zero-filled gradient tree to add
+      # into, which would cost two extra passes over a full set of
+      # float32 gradients.
+      grad_sum, sums = micro_step(
+          jax.tree.map(lambda x: x[0], micro_batches), micro_rngs[0]
+      )
+    else:
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      zero_metrics = {name: jnp.zeros((), jnp.float32) for name in accumulated}
+
+      def body(carry, inputs):
+        grad_sum, metric_sums = carry
+        grads, metrics = micro_step(*inputs)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+        return (grad_sum, metric_sums), None
+
+      (grad_sum, sums), _ = jax.lax.scan(
+          body, (zero_grads, zero_metrics), (micro_batches, micro_rngs)
+      )
 
     # Gradients of the summed losses, divided once by the batch's total
     # weight: the gradient of the batch's mean loss.
@@ -377,13 +400,13 @@ def make_train_step(
 
   if lora is None:
 
-    def full_loss(master_params, micro_batch, rng, frozen):
+    def full_loss(params, micro_batch, rng, frozen):
       del frozen
-      return run_loss(
-          _cast_floating(master_params, model.dtype), micro_batch, rng
-      )
+      return run_loss(params, micro_batch, rng)
 
-    step = _accumulating_step(full_loss, config, averaged_metrics)
+    step = _accumulating_step(
+        full_loss, config, averaged_metrics, compute_dtype=model.dtype
+    )
 
     def full_step(state: TrainState, batch: dict[str, Any]):
       return step(state, batch, None)
