@@ -102,11 +102,26 @@ def config_from_json(path: Path) -> config_lib.Gemma4Config:
     raise CommandError(f'model config {path}: {error}', EXIT_USAGE) from error
 
 
+MODEL_CONFIG_FILE = 'model_config.json'
+
+
+def config_to_json(cfg: config_lib.Gemma4Config) -> str:
+  """Serialise a config as the JSON object that `config_from_json` reads."""
+  fields = dataclasses.asdict(cfg)
+  fields['attention_pattern'] = [kind.value for kind in cfg.attention_pattern]
+  return json.dumps(fields, indent=1)
+
+
 def resolve_config(model: str | None, ckpt: Path) -> config_lib.Gemma4Config:
-  """Return the config named by `--model`, else the one the checkpoint fits.
+  """Return the config named by `--model`, else the checkpoint's own.
 
   `model` is a preset name or a path to a JSON file of `Gemma4Config` fields.
+  Without it, a `model_config.json` next to the checkpoint directory (as
+  the fine-tuning export writes) gives the config; otherwise the preset
+  that the checkpoint's shapes fit.
   """
+  if model is None and (ckpt.parent / MODEL_CONFIG_FILE).is_file():
+    model = str(ckpt.parent / MODEL_CONFIG_FILE)
   if model is not None:
     if model.endswith('.json'):
       return config_from_json(Path(model))

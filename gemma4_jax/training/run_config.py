@@ -24,6 +24,9 @@ Fields:
   model.remat: 'none', 'dots' or 'full' (see `Transformer.remat`).
   model.moe_implementation: 'auto', 'ragged' or 'tiled'.
   model.load_balancing_weight: Weight of the MoE router load-balancing loss.
+  model.query_norm_init: 'ones' (as the release) or 'inverse_sqrt': initial
+    query-norm scales of a random initialisation (see
+    `trainer.scale_query_norms`); ignored with `init_checkpoint`.
   data.train / data.eval: JSONL files (or directories, globs, comma lists);
     eval '' skips the evaluations.
   data.source: 'auto', 'chat', 'text' or 'prompt_response'.
@@ -78,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.remat = 'none'
   config.model.moe_implementation = 'auto'
   config.model.load_balancing_weight = 0.0
+  config.model.query_norm_init = 'ones'
 
   config.data = ml_collections.ConfigDict()
   config.data.train = ''

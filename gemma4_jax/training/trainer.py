@@ -17,9 +17,10 @@
    perplexity on `data.eval`, and checkpoints every `checkpoint.every_steps`;
 4. at the end, save the last checkpoint, export the model (merged with its
    LoRA adapters) in the release layout to `workdir/export/checkpoint`,
-   with the tokenizer and, for LoRA, the adapters on their own
-   (`workdir/export/adapters`), and score greedy generations on held-out
-   conversations.
+   with the tokenizer, the model config (`model_config.json`, which
+   `gemma4-jax generate` and `eval.evaluate` read) and, for LoRA, the
+   adapters on their own (`workdir/export/adapters`), and score greedy
+   generations on held-out conversations (`workdir/generation.jsonl`).
 
 A SIGTERM (how TPU VMs and Vertex AI announce preemption) ends the loop
 after the current step, saves a checkpoint of that step, and returns with
@@ -50,6 +51,7 @@ import tqdm
 from gemma4_jax import checkpoint as checkpoint_lib
 from gemma4_jax import config as config_lib
 from gemma4_jax import evaluation
+from gemma4_jax import generation_cli
 from gemma4_jax.text.tokenizer import Tokenizer
 from gemma4_jax.training import checkpointing
 from gemma4_jax.training import data as data_lib
@@ -59,6 +61,7 @@ from gemma4_jax.training import step as step_lib
 from gemma4_jax.transformer import Transformer
 
 EXPORT_DIR = 'export'
+GENERATION_FILE = 'generation.jsonl'
 CHECKPOINT_DIR = 'checkpoints'
 
 
@@ -184,6 +187,26 @@ def model_config(
   return config
 
 
+def scale_query_norms(params: Any) -> Any:
+  """Multiply every `query_norm/scale` by its head width to the power -1/2.
+
+  Gemma 4 does not scale queries by `head_dim**-0.5`: with the norm scales
+  at their initial ones, attention logits of a random model have a standard
+  deviation near `sqrt(head_dim)` and the softmax starts almost one-hot,
+  which slows training from scratch. Starting the query-norm scales at
+  `head_dim**-0.5` gives logits of unit variance and the same parameter
+  tree.
+  """
+
+  def scale(path, value):
+    names = [getattr(entry, 'key', None) for entry in path]
+    if names[-2:] == ['query_norm', 'scale']:
+      return value * value.shape[-1] ** -0.5
+    return value
+
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def _lora_config(run: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
   if run.lora.rank <= 0:
     return None
@@ -267,9 +290,17 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
           run.init_checkpoint, config=cfg, dtype=jnp.float32
       )
     init_model = Transformer(config=cfg, dtype=jnp.float32)
-    return init_model.init(
+    params = init_model.init(
         jax.random.key(run.seed), jnp.ones((1, 8), jnp.int32)
     )['params']
+    if run.model.query_norm_init == 'inverse_sqrt':
+      params = scale_query_norms(params)
+    elif run.model.query_norm_init != 'ones':
+      raise ValueError(
+          f'model.query_norm_init={run.model.query_norm_init!r} is invalid;'
+          " use 'ones' or 'inverse_sqrt'"
+      )
+    return params
 
   state_rng = jax.random.fold_in(jax.random.key(run.seed), 1)
   adapter_rng = jax.random.fold_in(jax.random.key(run.seed), 2)
@@ -465,6 +496,11 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
         overwrite=True,
     )
     shutil.copyfile(tok_path, export_dir / 'tokenizer.model')
+    # The config lets `gemma4-jax generate --ckpt` and `eval.evaluate` run a
+    # custom model, whose shapes fit no preset, without a --model flag.
+    config_path = export_dir / generation_cli.MODEL_CONFIG_FILE
+    config_path.with_suffix('.tmp').write_text(generation_cli.config_to_json(cfg))
+    os.replace(config_path.with_suffix('.tmp'), config_path)
     if lora_config is not None:
       lora_lib.save_adapters(
           state.params, lora_config, export_dir / 'adapters', overwrite=True
@@ -512,4 +548,10 @@ def score_generation(
   )
   if writer:
     writer.write(step, {'generation_exact_match': result.accuracy})
+    # One line per scored conversation: expected and parsed answer, raw text.
+    path = Path(run.workdir) / GENERATION_FILE
+    with open(path.with_suffix('.tmp'), 'w', encoding='utf-8') as file:
+      for example in result.examples:
+        file.write(json.dumps(example.to_json(), ensure_ascii=False) + '\n')
+    os.replace(path.with_suffix('.tmp'), path)
   return result
