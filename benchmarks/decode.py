@@ -12,7 +12,12 @@ bfloat16. For each case BATCHxPROMPT it generates `--new-tokens` greedy
 tokens with both samplers and prints prefill and decode tokens/s, their
 ratios (ours / official, above 1 means we are faster), both KV-cache sizes,
 and our bytes read per decode step against the memory bandwidth measured in
-this run. Needs the test extra (`pip install -e .[test]`).
+this run. Each sampler is compiled in a warm-up round, then timed over
+`--repeats` rounds (fresh cache, prefill, decode); medians are printed.
+Cases whose official prefill would not fit in memory (it computes float32
+attention over the whole cache for all heads at once) run ours only; see
+`--official-max-gib` and `--prefill-chunk`. Needs the test extra
+(`pip install -e .[test]`).
 """
 
 from __future__ import annotations
@@ -73,49 +78,69 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def run_ours(model, params, tokens, new_tokens: int):
-  """Time our prefill and our compiled decode loop; returns a dict."""
+def run_ours(model, params, tokens, new_tokens: int, repeats: int,
+             prefill_chunk: int):
+  """Time our prefill and our compiled decode loop, as a dict.
+
+  With `prefill_chunk` > 0 the prompt goes in chunks of that many tokens:
+  the first through `prefill`, the others through `extend`.
+  """
   cfg = model.config
   batch, prompt = tokens.shape
   steps = make_steps(model, GREEDY)
-  mask = jnp.ones(tokens.shape, bool)
+  chunk = prefill_chunk or prompt
+  if prompt % chunk:
+    raise ValueError(
+        f'invalid --prefill-chunk {chunk}: it must divide the prompt length'
+        f' {prompt}; pick a divisor or 0'
+    )
+  starts = range(0, prompt, chunk)
 
-  def fresh_cache():
-    return cache_lib.init_cache(cfg, batch, prompt + new_tokens, model.dtype)
+  def prefill(num_chunks=None):
+    cache = cache_lib.init_cache(cfg, batch, prompt + new_tokens, model.dtype)
+    jax.block_until_ready(cache)
+    start = time.perf_counter()
+    for begin in list(starts)[:num_chunks]:
+      part = tokens[:, begin : begin + chunk]
+      step = steps.prefill if begin == 0 else steps.extend
+      logits, cache = step(params, part, jnp.ones(part.shape, bool), cache)
+    logits.block_until_ready()
+    return logits, cache, time.perf_counter() - start
 
-  # Warm-up compiles both steps.
-  logits, cache = steps.prefill(params, tokens, mask, fresh_cache())
-  first = sample_tokens(logits, jax.random.key(0), GREEDY)
-  out, cache = steps.decode_loop(
-      params, first, cache, jax.random.key(1), new_tokens, ()
-  )
-  out.block_until_ready()
-  cache_bytes = cache.nbytes()
-  del cache
+  def decode(logits, cache):
+    first = sample_tokens(logits, jax.random.key(0), GREEDY)
+    first.block_until_ready()
+    start = time.perf_counter()
+    out, cache = steps.decode_loop(
+        params, first, cache, jax.random.key(1), new_tokens, ()
+    )
+    out.block_until_ready()
+    return out, cache, time.perf_counter() - start
 
-  cache = fresh_cache()
-  jax.block_until_ready(cache)
-  start = time.perf_counter()
-  logits, cache = steps.prefill(params, tokens, mask, cache)
-  logits.block_until_ready()
-  prefill_s = time.perf_counter() - start
+  # Warm-up: compile each step on a prefix of the prompt (a chunk of each
+  # kind fills the compile caches) and the decode loop.
+  logits, cache, _ = prefill(num_chunks=2)
+  decode(logits, cache)
+  del logits, cache
 
-  first = sample_tokens(logits, jax.random.key(0), GREEDY)
-  start = time.perf_counter()
-  out, cache = steps.decode_loop(
-      params, first, cache, jax.random.key(1), new_tokens, ()
-  )
-  out.block_until_ready()
-  decode_s = time.perf_counter() - start
+  prefill_times, decode_times = [], []
+  for _ in range(repeats):
+    logits, cache, prefill_s = prefill()
+    out, cache, decode_s = decode(logits, cache)
+    out = np.asarray(out)
+    prefill_times.append(prefill_s)
+    decode_times.append(decode_s)
+    cache_bytes = cache.nbytes()
+    del cache, logits
   return dict(
-      prefill_s=prefill_s,
-      decode_s=decode_s,
+      prefill_s=statistics.median(prefill_times),
+      decode_s=statistics.median(decode_times),
       cache_bytes=cache_bytes,
-      tokens=np.asarray(out),
+      tokens=out,
   )
 
 
-def run_official(official, params, tokens, new_tokens: int):
+def run_official(official, params, tokens, new_tokens: int, repeats: int):
   """Time the official prefill and its compiled sampling loop."""
   from gemma.gm.text import _prefill
   from gemma.gm.text import _sampler_loop
@@ -156,26 +181,36 @@ def run_official(official, params, tokens, new_tokens: int):
         max_new_tokens=jnp.asarray(new_tokens),
     )
 
-  state = prefill()
-  jax.block_until_ready(decode(state).predicted_tokens)
-  cache_bytes = tree_bytes(state.cache)
-  del state
+  prefill_times, decode_times = [], []
+  for _ in range(repeats + 1):  # The first round compiles: not counted.
+    start = time.perf_counter()
+    state = prefill()
+    jax.block_until_ready(state)
+    prefill_times.append(time.perf_counter() - start)
+    cache_bytes = tree_bytes(state.cache)
 
-  start = time.perf_counter()
-  state = prefill()
-  jax.block_until_ready(state)
-  prefill_s = time.perf_counter() - start
-
-  start = time.perf_counter()
-  final = decode(state)
-  jax.block_until_ready(final.predicted_tokens)
-  decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    final = decode(state)
+    jax.block_until_ready(final.predicted_tokens)
+    decode_times.append(time.perf_counter() - start)
+    out = np.asarray(final.predicted_tokens)
+    del state, final
   return dict(
-      prefill_s=prefill_s,
-      decode_s=decode_s,
+      prefill_s=statistics.median(prefill_times[1:]),
+      decode_s=statistics.median(decode_times[1:]),
       cache_bytes=cache_bytes,
-      tokens=np.asarray(final.predicted_tokens),
+      tokens=out,
   )
+
+
+def official_prefill_gib(cfg: Gemma4Config, batch: int, prompt: int,
+                         new_tokens: int) -> float:
+  """Estimate the peak GiB of the official prefill's attention.
+
+  It holds float32 logits and probabilities over the whole cache for all
+  heads at once; the estimate counts those two arrays only.
+  """
+  return 2 * batch * prompt * cfg.num_heads * (prompt + new_tokens) * 4 / 2**30
 
 
 def main() -> None:
@@ -189,6 +224,15 @@ def main() -> None:
   parser.add_argument('--new-tokens', type=int, default=128)
   parser.add_argument('--dtype', default='bfloat16',
                       choices=['bfloat16', 'float32'])
+  parser.add_argument('--repeats', type=int, default=3,
+                      help='timed rounds per case after a warm-up round;'
+                      ' medians are printed')
+  parser.add_argument('--prefill-chunk', type=int, default=0,
+                      help='feed our prompt in chunks of this many tokens'
+                      ' (0: whole prompt at once, as the official does)')
+  parser.add_argument('--official-max-gib', type=float, default=14.0,
+                      help='skip the official sampler in cases whose'
+                      ' prefill attention would need more memory than this')
   args = parser.parse_args()
 
   cfg = reduced_31b(args)
@@ -213,34 +257,50 @@ def main() -> None:
     tokens = jnp.asarray(
         rng.integers(3, cfg.vocab_size, (batch, prompt)), jnp.int32
     )
-    ours = run_ours(model, params, tokens, args.new_tokens)
-    theirs = run_official(official, params, tokens, args.new_tokens)
-
-    decoded = batch * (args.new_tokens - 1)
-    ours_decode = decoded / ours['decode_s']
-    theirs_decode = decoded / theirs['decode_s']
-    ours_prefill = batch * prompt / ours['prefill_s']
-    theirs_prefill = batch * prompt / theirs['prefill_s']
+    need = official_prefill_gib(cfg, batch, prompt, args.new_tokens)
+    ours = run_ours(model, params, tokens, args.new_tokens, args.repeats,
+                    args.prefill_chunk)
     step_bytes = params_bytes + ours['cache_bytes']
     step_s = ours['decode_s'] / (args.new_tokens - 1)
-    agree = float(np.mean(
-        ours['tokens'][:, : args.new_tokens]
-        == theirs['tokens'][:, : args.new_tokens]
-    ))
+    decoded = batch * (args.new_tokens - 1)
+    ours_decode = decoded / ours['decode_s']
+    ours_prefill = batch * prompt / ours['prefill_s']
+    chunking = (f', our prompt in chunks of {args.prefill_chunk}'
+                if args.prefill_chunk else '')
     print(f'\ncase batch {batch}, prompt {prompt}, {args.new_tokens} new'
-          f' tokens (greedy tokens agree at {agree:.0%})')
-    print(f'  decode  tokens/s: ours {ours_decode:9.1f}  official'
-          f' {theirs_decode:9.1f}  ratio {ours_decode / theirs_decode:.2f}x')
-    print(f'  prefill tokens/s: ours {ours_prefill:9.1f}  official'
-          f' {theirs_prefill:9.1f}  ratio {ours_prefill / theirs_prefill:.2f}x')
-    print(f'  KV cache: ours {ours["cache_bytes"] / 2**20:9.1f} MiB  official'
-          f' {theirs["cache_bytes"] / 2**20:9.1f} MiB  ratio'
-          f' {ours["cache_bytes"] / theirs["cache_bytes"]:.3f}')
+          f' tokens (medians of {args.repeats}{chunking})')
+    print(f'  ours: decode {ours_decode:.1f} tokens/s, prefill'
+          f' {ours_prefill:.1f} tokens/s, KV cache'
+          f' {ours["cache_bytes"] / 2**20:.1f} MiB', flush=True)
+    theirs = None
+    if need <= args.official_max_gib:
+      theirs = run_official(official, params, tokens, args.new_tokens,
+                            args.repeats)
+    else:
+      print(f'  official skipped: its prefill attention needs ~{need:.0f} GiB'
+            f' (over --official-max-gib {args.official_max_gib:g})')
+    if theirs is not None:
+      theirs_decode = decoded / theirs['decode_s']
+      theirs_prefill = batch * prompt / theirs['prefill_s']
+      agree = float(np.mean(
+          ours['tokens'][:, : args.new_tokens]
+          == theirs['tokens'][:, : args.new_tokens]
+      ))
+      print(f'  greedy tokens agree at {agree:.0%}')
+      print(f'  decode  tokens/s: ours {ours_decode:9.1f}  official'
+            f' {theirs_decode:9.1f}  ratio {ours_decode / theirs_decode:.2f}x')
+      print(f'  prefill tokens/s: ours {ours_prefill:9.1f}  official'
+            f' {theirs_prefill:9.1f}  ratio'
+            f' {ours_prefill / theirs_prefill:.2f}x')
+      print(f'  KV cache: ours {ours["cache_bytes"] / 2**20:9.1f} MiB  official'
+            f' {theirs["cache_bytes"] / 2**20:9.1f} MiB  ratio'
+            f' {ours["cache_bytes"] / theirs["cache_bytes"]:.3f}')
     print(f'  bytes read per decode step (params + cache):'
           f' {step_bytes / 2**20:.1f} MiB; at {bandwidth / 1e9:.1f} GB/s that'
           f' takes {step_bytes / bandwidth * 1e3:.1f} ms, measured'
           f' {step_s * 1e3:.1f} ms per step'
-          f' ({step_bytes / bandwidth / step_s:.0%} of the bandwidth limit)')
+          f' ({step_bytes / bandwidth / step_s:.0%} of the bandwidth limit)',
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -140,6 +140,8 @@ def attend(
   batch, length, num_heads, head_dim = queries.shape
   num_kv_heads = keys.shape[2]
   groups = num_heads // num_kv_heads
+  if length == 1 and num_kv_heads > 1:
+    return _attend_one_token(queries, keys, values, mask)
   queries = queries.reshape(batch, length, num_kv_heads, groups, head_dim)
 
   logits = jnp.einsum('BTKGH,BSKH->BTKGS', queries, keys)
@@ -149,6 +151,55 @@ def attend(
 
   encoded = jnp.einsum('BTKGS,BSKH->BTKGH', probs, values)
   return encoded.reshape(batch, length, num_heads, head_dim)
+
+
+def _attend_one_token(
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
+  """`attend` for one query token per row (a decode step).
+
+  Grouped-query products have the KV head as a batch axis, and XLA's CPU
+  backend wants batch axes in front. It would copy the whole cache,
+  [B, S, K, H], into [B, K, S, H] order twice per step, and these copies run
+  at a fraction of the memory bandwidth.
+  Here the cache is read in place as [B, S, K * H] matrices, multiplied by
+  block-diagonal query and probability matrices (zero outside each head's
+  block). That multiplies by K more terms, all exact zeros, so the results
+  are unchanged; the cost is arithmetic, cheap next to a one-token step's
+  memory traffic.
+  """
+  batch, _, num_heads, head_dim = queries.shape
+  _, slots, num_kv_heads, _ = keys.shape
+  groups = num_heads // num_kv_heads
+  dtype = values.dtype
+  eye = jnp.eye(num_kv_heads, dtype=queries.dtype)
+  queries = queries.reshape(batch, num_kv_heads, groups, head_dim)
+  # [B, K * H, K * G], zero where the key head differs from the query's.
+  blocks = jnp.einsum('BKGH,KL->BKHLG', queries, eye).reshape(
+      batch, num_kv_heads * head_dim, num_kv_heads * groups
+  )
+  flat_keys = keys.astype(queries.dtype).reshape(batch, slots, -1)
+  logits = jnp.einsum(
+      'BSM,BMN->BSN', flat_keys, blocks,
+      preferred_element_type=jnp.float32,
+  ).astype(queries.dtype)
+  logits = logits.reshape(batch, slots, num_kv_heads, groups)
+  logits = jnp.where(mask[:, 0, :, None, None], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=1).astype(dtype)
+
+  # [B, K, G, K, H]: every query head against every key head's values; keep
+  # the blocks where they match.
+  mixed = jnp.einsum(
+      'BSKG,BSM->BKGM', probs, values.reshape(batch, slots, -1),
+      preferred_element_type=jnp.float32,
+  ).reshape(batch, num_kv_heads, groups, num_kv_heads, head_dim)
+  encoded = jnp.stack(
+      [mixed[:, k, :, k] for k in range(num_kv_heads)], axis=1
+  ).astype(dtype)
+  return encoded.reshape(batch, 1, num_heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -206,19 +257,21 @@ class Attention(nn.Module):
         x, positions, base_frequency=base, rope_proportion=proportion
     )
 
-  def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def queries(
+      self, x: jax.Array, positions: jax.Array, streamed: bool = False
+  ) -> jax.Array:
     """Normalised, rotated queries [B, T, N, H] of `x` [B, T, D]."""
-    q = self.q_einsum('BTD,NDH->BTNH', x)
+    q = self.q_einsum('BTD,NDH->BTNH', x, streamed)
     return self.rope(self.query_norm(q), positions)
 
   def keys_values(
-      self, x: jax.Array, positions: jax.Array
+      self, x: jax.Array, positions: jax.Array, streamed: bool = False
   ) -> tuple[jax.Array, jax.Array]:
     """Keys (normalised, rotated) and values (normalised) [B, S, K, H]."""
     if self.k_eq_v:
-      k = v = self.k_einsum('BSD,KDH->BSKH', x)
+      k = v = self.k_einsum('BSD,KDH->BSKH', x, streamed)
     else:
-      k, v = self.kv_einsum('BSD,CKDH->CBSKH', x)
+      k, v = self.kv_einsum('BSD,CKDH->CBSKH', x, streamed)
     k = self.rope(self.key_norm(k), positions)
     v = layers.rms_norm(v)
     return k, v
@@ -229,7 +282,18 @@ class Attention(nn.Module):
     if keys is None:
       # Keys equal values up to the key-norm scale: K = RoPE(v * scale).
       scale = self.key_norm.variables['params']['scale']
-      keys = self.rope(cache.values * scale, cache.positions)
+      if self.is_global:
+        # A global cache stores the token at position p in slot p (it has a
+        # slot for every position), so the rotation angles depend on the
+        # slot only: one table serves every row.
+        cfg = self.config
+        keys = layers.apply_rope_by_slot(
+            cache.values * scale,
+            base_frequency=cfg.global_rope_base,
+            rope_proportion=cfg.global_rope_proportion,
+        )
+      else:
+        keys = self.rope(cache.values * scale, cache.positions)
     return KVView(keys, cache.values, cache.positions)
 
   def cached(
@@ -256,13 +320,13 @@ class Attention(nn.Module):
       The output [B, T, D], the updated cache (None for shared layers) and
       the view attended to, which KV-shared layers reuse.
     """
-    q = self.queries(x, positions)
+    q = self.queries(x, positions, streamed=True)
 
     new_cache = None
     if shared_view is not None:
       view = shared_view
     else:
-      k, v = self.keys_values(x, positions)
+      k, v = self.keys_values(x, positions, streamed=True)
       chunk = KVView(k, v, jnp.where(valid, positions, -1))
       new_cache = write_to_cache(
           cache, None if cache.keys is None else k, v, positions, valid
@@ -282,7 +346,7 @@ class Attention(nn.Module):
     window = None if self.is_global else self.config.sliding_window
     mask = visible_keys_mask(positions, view.positions, window)
     encoded = attend(q, view.keys.astype(q.dtype), view.values, mask)
-    out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded)
+    out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded, streamed=True)
     return out, new_cache, view
 
   def __call__(

@@ -621,6 +621,21 @@ _GENERATORS: list[tuple[Callable[[random.Random], _Request], float]] = [
     (_no_tool, 0.13),
 ]
 
+# Shares of the training examples. Held-out examples keep the even shares
+# above. Weather, timers, messages and text answers are learnt first, so
+# training gives more examples to the kinds that need an ordering or a
+# conversion: calendar times (`3 pm` to `15:00`), flight origin and
+# destination, the two units of a conversion.
+TRAINING_SHARES = {
+    '_weather': 0.09,
+    '_timer': 0.09,
+    '_conversion': 0.18,
+    '_message': 0.11,
+    '_event': 0.22,
+    '_flights': 0.22,
+    '_no_tool': 0.09,
+}
+
 # ---------------------------------------------------------------------------
 # Tool responses and the final replies built from them.
 
@@ -721,6 +736,7 @@ def generate_records(
     num_tools: int = DEFAULT_NUM_TOOLS,
     exclude: set[str] | None = None,
     response_fraction: float = 0.2,
+    shares: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
   """Draw `count` records whose request texts are pairwise distinct.
 
@@ -733,6 +749,8 @@ def generate_records(
       new records are added to it.
     response_fraction: Share of tool-calling records that go on with the
       tool response and a final answer.
+    shares: Relative share of each kind of request, by generator function
+      name (`TRAINING_SHARES`); None gives every tool an even share.
 
   Raises:
     ValueError: the templates cannot produce `count` distinct requests.
@@ -742,7 +760,10 @@ def generate_records(
   rng = random.Random(seed)
   used = exclude if exclude is not None else set()
   generators = [generator for generator, _ in _GENERATORS]
-  shares = [share for _, share in _GENERATORS]
+  if shares is None:
+    weights = [share for _, share in _GENERATORS]
+  else:
+    weights = [shares[generator.__name__] for generator in generators]
   records = []
   attempts = 0
   while len(records) < count:
@@ -752,7 +773,7 @@ def generate_records(
           f'drew {attempts} requests but only {len(records)} of the {count}'
           ' requested were new; ask for fewer examples'
       )
-    request = rng.choices(generators, shares)[0](rng)
+    request = rng.choices(generators, weights)[0](rng)
     key = _request_key(request.text)
     if key in used:
       continue
@@ -810,7 +831,9 @@ def make_tool_calling_dataset(
   heldout = generate_records(
       seed=seed * 2 + 1, count=num_heldout, num_tools=num_tools, exclude=used, response_fraction=0.0
   )
-  train = generate_records(seed=seed * 2, count=num_train, num_tools=num_tools, exclude=used)
+  train = generate_records(
+      seed=seed * 2, count=num_train, num_tools=num_tools, exclude=used, shares=TRAINING_SHARES
+  )
 
   paths = DatasetPaths(train=out_dir / 'train.jsonl', heldout=out_dir / 'heldout.jsonl')
   _write_jsonl(paths.train, train)

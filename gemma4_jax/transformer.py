@@ -68,18 +68,25 @@ class Embedder(nn.Module):
     x = self.input_embedding[tokens]
     return x * jnp.sqrt(self.config.embed_dim).astype(x.dtype)
 
-  def decode(self, x: jax.Array) -> jax.Array:
-    """Logits [B, T, V] of hidden states `x` [B, T, D] (tied weights)."""
+  def decode(self, x: jax.Array, streamed: bool = False) -> jax.Array:
+    """Logits [B, T, V] of hidden states `x` [B, T, D] (tied weights).
+
+    `streamed` uses `layers.streamed_einsum` (inference only).
+    """
+    if streamed:
+      return layers.streamed_einsum('BTD,VD->BTV', x, self.input_embedding)
     return jnp.einsum('BTD,VD->BTV', x, self.input_embedding)
 
-  def per_layer_inputs(self, x: jax.Array, tokens: jax.Array) -> jax.Array:
+  def per_layer_inputs(
+      self, x: jax.Array, tokens: jax.Array, streamed: bool = False
+  ) -> jax.Array:
     """Per-layer inputs [B, T, L, P] from embeddings `x` and `tokens`.
 
     The average of a projection of the token embedding and a per-token
     look-up; ids outside the text vocabulary read row 0 of the table.
     """
     cfg = self.config
-    projected = self.per_layer_model_projection('BTD,DLP->BTLP', x)
+    projected = self.per_layer_model_projection('BTD,DLP->BTLP', x, streamed)
     projected = self.per_layer_projection_norm(projected)
 
     in_vocab = (tokens >= 0) & (tokens < cfg.vocab_size)
@@ -143,10 +150,10 @@ class Block(nn.Module):
         'skip_scale', nn.initializers.ones, (1,), self.dtype
     )
 
-  def feed_forward(self, x: jax.Array) -> jax.Array:
+  def feed_forward(self, x: jax.Array, streamed: bool = False) -> jax.Array:
     if not self.config.is_moe:
-      return self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
-    dense = self.post_ffw2_norm(self.mlp2(self.pre_ffw2_norm(x)))
+      return self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x), streamed))
+    dense = self.post_ffw2_norm(self.mlp2(self.pre_ffw2_norm(x), streamed))
     routed = self.post_ffw1_norm(self.mlp(self.pre_ffw_norm(x)))
     return self.post_ffw_norm(dense + routed)
 
@@ -181,15 +188,24 @@ class Block(nn.Module):
       x: jax.Array,
       attn_out: jax.Array,
       per_layer_input: jax.Array | None,
+      streamed: bool = False,
   ) -> jax.Array:
-    """Residual adds, feed-forward, per-layer input and skip scale."""
+    """Residual adds, feed-forward, per-layer input and skip scale.
+
+    `streamed` multiplies the dense weights with `layers.streamed_einsum`
+    (the sampling path).
+    """
     x = x + self.post_attention_norm(attn_out)
 
-    x = x + self.feed_forward(x)
+    x = x + self.feed_forward(x, streamed)
 
     if per_layer_input is not None:
-      gate = layers.gelu_tanh(self.per_layer_input_gate('BTD,DP->BTP', x))
-      ple = self.per_layer_projection('BTP,PD->BTD', gate * per_layer_input)
+      gate = layers.gelu_tanh(
+          self.per_layer_input_gate('BTD,DP->BTP', x, streamed)
+      )
+      ple = self.per_layer_projection(
+          'BTP,PD->BTD', gate * per_layer_input, streamed
+      )
       x = x + self.post_per_layer_input_norm(ple)
 
     return x * self.skip_scale
@@ -208,7 +224,8 @@ class Block(nn.Module):
     attn_out, new_cache, view = self.attn.cached(
         self.pre_attention_norm(x), positions, valid, cache, mode, shared_view
     )
-    return self.after_attention(x, attn_out, per_layer_input), new_cache, view
+    out = self.after_attention(x, attn_out, per_layer_input, streamed=True)
+    return out, new_cache, view
 
 
 # Rematerialisation choices of `Transformer.remat`: the `jax.checkpoint`
@@ -351,9 +368,9 @@ class Transformer(nn.Module):
         logits=logits, hidden_states=x if return_hidden_states else None
     )
 
-  def output_logits(self, x: jax.Array) -> jax.Array:
+  def output_logits(self, x: jax.Array, streamed: bool = False) -> jax.Array:
     """Soft-capped logits [B, T, V] of final hidden states `x` [B, T, D]."""
-    logits = self.embedder.decode(x)
+    logits = self.embedder.decode(x, streamed)
     cap = self.config.final_logit_softcap
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
@@ -397,7 +414,9 @@ class Transformer(nn.Module):
     x = self.embedder.encode(tokens)
     per_layer_inputs = None
     if cfg.per_layer_input_dim:
-      per_layer_inputs = self.embedder.per_layer_inputs(x, tokens)
+      per_layer_inputs = self.embedder.per_layer_inputs(
+          x, tokens, streamed=True
+      )
 
     new_layers = []
     views = []
@@ -420,7 +439,7 @@ class Transformer(nn.Module):
     if last_only:
       last = jnp.maximum(counts - 1, 0)
       x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, D]
-    logits = self.output_logits(x)
+    logits = self.output_logits(x, streamed=True)
     if last_only:
       logits = logits[:, 0]
     new_cache = KVCache(layers=tuple(new_layers), lengths=cache.lengths + counts)

@@ -1,0 +1,143 @@
+"""The decode-speed code paths, checked against the official model.
+
+A decode step multiplies weights in chunks (`layers.streamed_einsum`),
+attends with block-diagonal products (`attention._attend_one_token`) and
+rebuilds the keys of keys-equal-values global layers from a shared RoPE table
+(`layers.apply_rope_by_slot`). With the small test models the weights are
+below one chunk, so these tests shrink the chunk size until every projection
+goes through the chunked loop. They then compare each decode step's logits
+with the official model's forward pass over the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma4_jax import layers
+from gemma4_jax.sampling import cache as cache_lib
+from gemma4_jax.transformer import Transformer
+from tests import oracle
+from tests.test_parity import perturbed_official_params
+
+PROMPT, STEPS = 20, 12
+
+
+def cached_logits(cfg, params, tokens, dtype):
+  """Logits [B, T, V] of a prefill of PROMPT tokens, then one-token steps."""
+  model = Transformer(config=cfg, dtype=dtype)
+  step = jax.jit(
+      functools.partial(model.apply, method=Transformer.cached),
+      static_argnames=('mode', 'last_only'),
+  )
+  batch, length = tokens.shape
+  cache = cache_lib.init_cache(cfg, batch, length, dtype)
+  out, cache = step(
+      {'params': params}, tokens[:, :PROMPT], cache, mode='fresh',
+      last_only=False,
+  )
+  outputs = [out]
+  for t in range(PROMPT, length):
+    out, cache = step(
+        {'params': params}, tokens[:, t : t + 1], cache, mode='extend',
+        last_only=False,
+    )
+    outputs.append(out)
+  return np.concatenate([np.asarray(o, np.float32) for o in outputs], axis=1)
+
+
+@pytest.mark.parametrize('family', ('31b_like', 'e2b_like'))
+@pytest.mark.parametrize('chunk_bytes', (256, 4096))
+def test_chunked_decode_steps_match_official_forward(
+    family, chunk_bytes, monkeypatch
+):
+  # Two KV heads everywhere, so that the global layer also takes the
+  # block-diagonal attention (the 31B-like test model has one).
+  cfg = dataclasses.replace(
+      oracle.SMALL_CONFIGS[family], num_global_kv_heads=2
+  )
+  monkeypatch.setattr(layers, 'STREAM_CHUNK_BYTES', chunk_bytes)
+  params = perturbed_official_params(cfg)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(
+      rng.integers(1, cfg.vocab_size, (2, PROMPT + STEPS)), jnp.int32
+  )
+  official = oracle.official_model(cfg, jnp.float32).apply(
+      {'params': params}, tokens
+  )
+  expected = np.asarray(official.logits, np.float32)
+  ours = cached_logits(cfg, params, tokens, jnp.float32)
+  bound = 1e-4 * max(1.0, float(np.abs(expected).max()))
+  error = float(np.abs(ours - expected).max())
+  assert error <= bound, f'max |ours - official| = {error:.3g} > {bound:.3g}'
+
+
+def test_bfloat16_decode_steps_match_official_forward(monkeypatch):
+  """In bfloat16 the chunked steps stay as close to the official forward
+  pass as our own unchunked forward pass is."""
+  cfg = dataclasses.replace(oracle.DENSE_LIKE, num_global_kv_heads=2)
+  monkeypatch.setattr(layers, 'STREAM_CHUNK_BYTES', 512)
+  params = jax.tree.map(
+      lambda x: x.astype(jnp.bfloat16), perturbed_official_params(cfg)
+  )
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(
+      rng.integers(1, cfg.vocab_size, (2, PROMPT + STEPS)), jnp.int32
+  )
+  official = oracle.official_model(cfg, jnp.bfloat16).apply(
+      {'params': params}, tokens
+  )
+  expected = np.asarray(official.logits, np.float32)
+  forward = Transformer(config=cfg, dtype=jnp.bfloat16).apply(
+      {'params': params}, tokens
+  )
+  forward_error = np.abs(np.asarray(forward.logits, np.float32) - expected)
+  ours = cached_logits(cfg, params, tokens, jnp.bfloat16)
+  error = np.abs(ours - expected)
+  scale = float(np.abs(expected).max())
+  # bfloat16 has 8 significant bits: a few units of 2**-8 of the logit scale.
+  assert float(error.max()) <= max(2 * float(forward_error.max()),
+                                   0.05 * scale)
+  assert float(error.mean()) <= 2 * float(forward_error.mean()) + 1e-3 * scale
+
+
+@pytest.mark.parametrize(
+    'equation, x_shape, w_shape',
+    [
+        ('BTD,NDH->BTNH', (1, 1, 32), (4, 32, 16)),
+        ('BSD,CKDH->CBSKH', (1, 1, 32), (2, 3, 32, 16)),
+        ('BTNH,NHD->BTD', (1, 1, 4, 16), (4, 16, 32)),
+        ('...D,CFD->...CF', (1, 1, 32), (2, 64, 32)),
+        ('...F,FD->...D', (1, 1, 64), (64, 32)),
+        ('BTD,VD->BTV', (1, 1, 32), (96, 32)),
+        ('BTD,DLP->BTLP', (1, 1, 32), (32, 3, 8)),
+        ('BTD,VD->BTV', (3, 5, 32), (96, 32)),
+        ('...D,CFD->...CF', (2, 7, 32), (2, 64, 32)),
+        ('BTD,NDH->BTNH', (2, 3, 32), (4, 32, 16)),
+    ],
+)
+@pytest.mark.parametrize('dtype', (jnp.float32, jnp.bfloat16))
+def test_streamed_einsum_is_a_float32_einsum(equation, x_shape, w_shape,
+                                             dtype):
+  """Every equation the model uses, one row (chunked) and several (not)."""
+  x = jax.random.normal(jax.random.key(0), x_shape, dtype)
+  w = jax.random.normal(jax.random.key(1), w_shape, dtype)
+  exact = jnp.einsum(
+      equation, x.astype(jnp.float32), w.astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
+  )
+  for chunk_bytes in (64, 1000, 1 << 20):
+    out = layers.streamed_einsum(equation, x, w, chunk_bytes=chunk_bytes)
+    assert out.dtype == dtype
+    assert out.shape == exact.shape
+    # float32: summation order only; bfloat16: one rounding of the result.
+    tolerance = 1e-5 if dtype == jnp.float32 else 2**-8
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(exact),
+        rtol=tolerance, atol=tolerance * float(jnp.abs(exact).max()),
+    )
