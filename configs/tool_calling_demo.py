@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 256
   config.data.batch_size = 16
   config.optimizer.learning_rate = 3e-3
-  config.optimizer.total_steps = 600
+  config.optimizer.total_steps = 1000
   config.optimizer.warmup_steps = 30
   config.optimizer.end_learning_rate_fraction = 0.05
 
