@@ -852,7 +852,7 @@ def prepare_run(run):
   the training file) into `run.workdir/data`, from `run.seed` and the
   `run.demo_data` fields, and returns a copy of `run` whose `data.train`,
   `data.eval` and `tokenizer` name them. Both steps are deterministic, so
-  when the directory already holds the files of the same settings (a
+  when the directory already contains the files of the same settings (a
   resumed run) they are kept as they are.
 
   Raises:
@@ -877,7 +877,7 @@ def prepare_run(run):
     saved = json.loads(options_path.read_text(encoding='utf-8'))
     if saved != options:
       raise ValueError(
-          f'{data_dir} holds demo data made with {saved}, not {options}; use a new'
+          f'{data_dir} contains demo data made with {saved}, not {options}; use a new'
           ' --config.workdir or delete that directory'
       )
   if not ready:
