@@ -6,7 +6,7 @@ keys (QK-norm) replace that scaling. There is no attention-logit soft-cap.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from flax import linen as nn
 import jax
@@ -141,7 +141,7 @@ def attend(
   num_kv_heads = keys.shape[2]
   groups = num_heads // num_kv_heads
   if length == 1 and num_kv_heads > 1:
-    return _attend_one_token(queries, keys, values, mask)
+    return _attend_one_token(queries, [(keys, values, mask)])
   queries = queries.reshape(batch, length, num_kv_heads, groups, head_dim)
 
   logits = jnp.einsum('BTKGH,BSKH->BTKGS', queries, keys)
@@ -153,13 +153,177 @@ def attend(
   return encoded.reshape(batch, length, num_heads, head_dim)
 
 
-def _attend_one_token(
+# A first prompt chunk longer than this attends in blocks (`attend_blocked`).
+BLOCKED_PREFILL_MIN_LENGTH = 1024
+# Query block sizes `prefill_block` tries, largest first, and the most bytes
+# of a float32 logits block [B, N, block, block] it allows (the smallest
+# block is taken when none fits).
+PREFILL_BLOCKS = (512, 256, 128, 64)
+BLOCK_LOGITS_BYTES = 1 << 28
+
+
+def prefill_block(query_shape: tuple[int, ...]) -> int | None:
+  """Query block size for `attend_blocked`, or None to attend in one go.
+
+  Args:
+    query_shape: [B, T, N, H] of the chunk's queries.
+  """
+  batch, length, num_heads, _ = query_shape
+  if length <= BLOCKED_PREFILL_MIN_LENGTH:
+    return None
+  for block in PREFILL_BLOCKS:
+    fits = batch * num_heads * block * block * 4 <= BLOCK_LOGITS_BYTES
+    if length % block == 0 and (fits or block == PREFILL_BLOCKS[-1]):
+      return block
+  return None
+
+
+def attend_blocked(
     queries: jax.Array,
     keys: jax.Array,
     values: jax.Array,
-    mask: jax.Array,
+    positions: jax.Array,
+    window: int | None,
+    block: int,
 ) -> jax.Array:
-  """`attend` for one query token per row (a decode step).
+  """`attend` for a long prompt chunk attending to itself, in blocks.
+
+  Queries go in blocks of `block` tokens. Each block visits only the key
+  blocks it can see: those up to its own end (causal), and for a sliding
+  layer those from `window` tokens before its start. It combines them with
+  a running maximum and sum (online softmax), so no [T, T] logits exist and
+  a sliding layer does O(T * window) work, not O(T^2).
+
+  The key ranges rely on each row's tokens holding positions 0, 1, ... in
+  order, followed by padding, as in the first chunk of a right-padded
+  prompt; `positions` is then used for the exact mask.
+
+  Args:
+    queries: [B, T, N, H], T a multiple of `block`.
+    keys: [B, T, K, H].
+    values: [B, T, K, H].
+    positions: [B, T] positions of the tokens; -1 marks padding keys.
+    window: Sliding window of the layer, or None for a global layer.
+    block: Tokens per query and key block.
+
+  Returns:
+    [B, T, N, H] in the dtype of `values`.
+  """
+  batch, length, num_heads, head_dim = queries.shape
+  num_kv_heads = keys.shape[2]
+  groups = num_heads // num_kv_heads
+  num_blocks = length // block
+  dtype = values.dtype
+  # Batch axes first ([B, K, ...]) so that XLA multiplies in place.
+  q = queries.reshape(batch, num_blocks, block, num_kv_heads, groups, head_dim)
+  q = q.transpose(1, 0, 3, 4, 2, 5)  # [blocks, B, K, G, block, H]
+  k = keys.astype(queries.dtype).reshape(
+      batch, num_blocks, block, num_kv_heads, head_dim
+  ).transpose(1, 0, 3, 2, 4)  # [blocks, B, K, block, H]
+  v = values.reshape(batch, num_blocks, block, num_kv_heads, head_dim)
+  v = v.transpose(1, 0, 3, 2, 4)
+  pos = positions.reshape(batch, num_blocks, block).transpose(1, 0, 2)
+
+  def query_block(_, index):
+    q_block = q[index]
+    q_pos = pos[index]
+    first = 0
+    if window is not None:
+      first = jnp.maximum(index * block - window + 1, 0) // block
+
+    def key_block(j, carry):
+      running_max, total, acc = carry
+      k_pos = pos[j]
+      logits = jnp.einsum(
+          'BKGQH,BKSH->BKGQS', q_block, k[j],
+          preferred_element_type=jnp.float32,
+      )
+      visible = (k_pos[:, None, :] >= 0) & (
+          k_pos[:, None, :] <= q_pos[:, :, None]
+      )
+      if window is not None:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+      logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
+      new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+      correction = jnp.exp(running_max - new_max)
+      probs = jnp.exp(logits - new_max[..., None])
+      total = total * correction + jnp.sum(probs, axis=-1)
+      acc = acc * correction[..., None] + jnp.einsum(
+          'BKGQS,BKSH->BKGQH', probs.astype(dtype), v[j],
+          preferred_element_type=jnp.float32,
+      )
+      return new_max, total, acc
+
+    shape = (batch, num_kv_heads, groups, block)
+    carry = (
+        jnp.full(shape, MASK_VALUE, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros(shape + (head_dim,), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(first, index + 1, key_block, carry)
+    return None, (acc / total[..., None]).astype(dtype)
+
+  _, encoded = jax.lax.scan(query_block, None, jnp.arange(num_blocks))
+  # [blocks, B, K, G, block, H] -> [B, T, N, H]
+  encoded = encoded.transpose(1, 0, 4, 2, 3, 5)
+  return encoded.reshape(batch, length, num_heads, head_dim)
+
+
+def attend_to_parts(
+    queries: jax.Array,
+    parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+) -> jax.Array:
+  """Attention over keys and values held in several arrays.
+
+  One softmax runs over all parts' keys together, as if they were
+  concatenated, but the keys and values themselves are never copied into
+  one array: only the logits are joined. A decode step attends this way to
+  the cache as it was before the step plus the step's own token, so the
+  cache is read in place and then updated in place.
+
+  Args:
+    queries: [B, T, N, H].
+    parts: (keys [B, S_i, K, H], values [B, S_i, K, H], mask [B, T, S_i])
+      for each part.
+
+  Returns:
+    [B, T, N, H], in the dtype of the values.
+  """
+  if len(parts) == 1:
+    return attend(queries, *parts[0])
+  batch, length, num_heads, head_dim = queries.shape
+  num_kv_heads = parts[0][0].shape[2]
+  if length == 1 and num_kv_heads > 1:
+    return _attend_one_token(queries, parts)
+  groups = num_heads // num_kv_heads
+  dtype = parts[0][1].dtype
+  queries = queries.reshape(batch, length, num_kv_heads, groups, head_dim)
+
+  logits = []
+  for keys, _, mask in parts:
+    part_logits = jnp.einsum('BTKGH,BSKH->BTKGS', queries, keys)
+    logits.append(jnp.where(mask[:, :, None, None, :], part_logits, MASK_VALUE))
+  probs = jax.nn.softmax(
+      jnp.concatenate(logits, axis=-1).astype(jnp.float32), axis=-1
+  ).astype(dtype)
+
+  encoded = 0.0
+  start = 0
+  for _, values, _ in parts:
+    size = values.shape[1]
+    encoded += jnp.einsum(
+        'BTKGS,BSKH->BTKGH', probs[..., start : start + size], values,
+        preferred_element_type=jnp.float32,
+    )
+    start += size
+  return encoded.astype(dtype).reshape(batch, length, num_heads, head_dim)
+
+
+def _attend_one_token(
+    queries: jax.Array,
+    parts: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+) -> jax.Array:
+  """`attend_to_parts` for one query token per row (a decode step).
 
   Grouped-query products have the KV head as a batch axis, and XLA's CPU
   backend wants batch axes in front. It would copy the whole cache,
@@ -172,30 +336,45 @@ def _attend_one_token(
   memory traffic.
   """
   batch, _, num_heads, head_dim = queries.shape
-  _, slots, num_kv_heads, _ = keys.shape
+  num_kv_heads = parts[0][0].shape[2]
   groups = num_heads // num_kv_heads
-  dtype = values.dtype
+  dtype = parts[0][1].dtype
   eye = jnp.eye(num_kv_heads, dtype=queries.dtype)
   queries = queries.reshape(batch, num_kv_heads, groups, head_dim)
   # [B, K * H, K * G], zero where the key head differs from the query's.
   blocks = jnp.einsum('BKGH,KL->BKHLG', queries, eye).reshape(
       batch, num_kv_heads * head_dim, num_kv_heads * groups
   )
-  flat_keys = keys.astype(queries.dtype).reshape(batch, slots, -1)
-  logits = jnp.einsum(
-      'BSM,BMN->BSN', flat_keys, blocks,
-      preferred_element_type=jnp.float32,
-  ).astype(queries.dtype)
-  logits = logits.reshape(batch, slots, num_kv_heads, groups)
-  logits = jnp.where(mask[:, 0, :, None, None], logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=1).astype(dtype)
+
+  logits = []
+  for keys, _, mask in parts:
+    slots = keys.shape[1]
+    flat_keys = keys.astype(queries.dtype).reshape(batch, slots, -1)
+    part_logits = jnp.einsum(
+        'BSM,BMN->BSN', flat_keys, blocks,
+        preferred_element_type=jnp.float32,
+    ).astype(queries.dtype)
+    part_logits = part_logits.reshape(batch, slots, num_kv_heads, groups)
+    logits.append(
+        jnp.where(mask[:, 0, :, None, None], part_logits, MASK_VALUE)
+    )
+  probs = jax.nn.softmax(
+      jnp.concatenate(logits, axis=1).astype(jnp.float32), axis=1
+  ).astype(dtype)
 
   # [B, K, G, K, H]: every query head against every key head's values; keep
   # the blocks where they match.
-  mixed = jnp.einsum(
-      'BSKG,BSM->BKGM', probs, values.reshape(batch, slots, -1),
-      preferred_element_type=jnp.float32,
-  ).reshape(batch, num_kv_heads, groups, num_kv_heads, head_dim)
+  mixed = 0.0
+  start = 0
+  for _, values, _ in parts:
+    slots = values.shape[1]
+    mixed += jnp.einsum(
+        'BSKG,BSM->BKGM', probs[:, start : start + slots],
+        values.reshape(batch, slots, -1),
+        preferred_element_type=jnp.float32,
+    )
+    start += slots
+  mixed = mixed.reshape(batch, num_kv_heads, groups, num_kv_heads, head_dim)
   encoded = jnp.stack(
       [mixed[:, k, :, k] for k in range(num_kv_heads)], axis=1
   ).astype(dtype)
@@ -294,6 +473,9 @@ class Attention(nn.Module):
         )
       else:
         keys = self.rope(cache.values * scale, cache.positions)
+      # Without the barrier XLA fuses the rotation into the attention
+      # products, which then recompute it per use (4x slower at 8K slots).
+      keys = jax.lax.optimization_barrier(keys)
     return KVView(keys, cache.values, cache.positions)
 
   def cached(
@@ -303,8 +485,8 @@ class Attention(nn.Module):
       valid: jax.Array,
       cache: LayerCache | None,
       mode: str,
-      shared_view: KVView | None = None,
-  ) -> tuple[jax.Array, LayerCache | None, KVView]:
+      shared_view: tuple[KVView, ...] | None = None,
+  ) -> tuple[jax.Array, LayerCache | None, tuple[KVView, ...]]:
     """Attention for prefill and decode steps, reading and updating `cache`.
 
     Args:
@@ -318,7 +500,9 @@ class Attention(nn.Module):
 
     Returns:
       The output [B, T, D], the updated cache (None for shared layers) and
-      the view attended to, which KV-shared layers reuse.
+      the view attended to, which KV-shared layers reuse: the chunk's keys
+      and values, after those of the cache as it was before the chunk
+      ('extend' only).
     """
     q = self.queries(x, positions, streamed=True)
 
@@ -328,24 +512,36 @@ class Attention(nn.Module):
     else:
       k, v = self.keys_values(x, positions, streamed=True)
       chunk = KVView(k, v, jnp.where(valid, positions, -1))
+      if mode == 'fresh':
+        view = (chunk,)
+      else:
+        # The cache before the chunk, read in place. Slots the chunk
+        # overwrites hold positions outside its window (local layers) or no
+        # token (global layers), so attending to them changes nothing.
+        view = (self.view_of_cache(cache), chunk)
       new_cache = write_to_cache(
           cache, None if cache.keys is None else k, v, positions, valid
       )
-      if mode == 'fresh':
-        view = chunk
-      elif x.shape[1] == 1:
-        # A single new token: the slot it overwrote is outside every window.
-        view = self.view_of_cache(new_cache)
-      else:
-        before = self.view_of_cache(cache)
-        view = KVView(*(
-            jnp.concatenate([old, new], axis=1)
-            for old, new in zip(before, chunk)
-        ))
 
     window = None if self.is_global else self.config.sliding_window
-    mask = visible_keys_mask(positions, view.positions, window)
-    encoded = attend(q, view.keys.astype(q.dtype), view.values, mask)
+    block = prefill_block(q.shape) if mode == 'fresh' else None
+    if block is not None:
+      # In a fresh chunk, `view` contains the chunk's own keys (or those of
+      # the KV-sharing source, at the same positions).
+      (own,) = view
+      encoded = attend_blocked(
+          q, own.keys, own.values, own.positions, window, block
+      )
+    else:
+      parts = [
+          (
+              part.keys.astype(q.dtype),
+              part.values,
+              visible_keys_mask(positions, part.positions, window),
+          )
+          for part in view
+      ]
+      encoded = attend_to_parts(q, parts)
     out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded, streamed=True)
     return out, new_cache, view
 

@@ -277,19 +277,20 @@ def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   """Rotate the first R pairs of `x` [..., H] by angles with `sin`, `cos`.
 
   `sin` and `cos` [..., R] broadcast against `x`'s pairs. Only the first R
-  pairs rotate; the others are copied unchanged (a zero angle would give the
-  same values, at the cost of the arithmetic).
+  pairs rotate. The others keep their values: the rotated features are
+  written over a copy of `x`, which XLA does in place, rather than
+  concatenated with the unrotated ones (a concatenation is several times
+  slower on XLA's CPU backend).
   """
   half = x.shape[-1] // 2
   rotated_pairs = sin.shape[-1]
   first, second = x[..., :rotated_pairs], x[..., half : half + rotated_pairs]
-  parts = [first * cos - second * sin]
-  if rotated_pairs < half:
-    parts.append(x[..., rotated_pairs:half].astype(parts[0].dtype))
-  parts.append(second * cos + first * sin)
-  if rotated_pairs < half:
-    parts.append(x[..., half + rotated_pairs :].astype(parts[0].dtype))
-  return jnp.concatenate(parts, axis=-1).astype(x.dtype)
+  new_first = (first * cos - second * sin).astype(x.dtype)
+  new_second = (second * cos + first * sin).astype(x.dtype)
+  if rotated_pairs == half:
+    return jnp.concatenate([new_first, new_second], axis=-1)
+  x = x.at[..., :rotated_pairs].set(new_first)
+  return x.at[..., half : half + rotated_pairs].set(new_second)
 
 
 def apply_rope(

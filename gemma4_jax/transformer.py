@@ -218,8 +218,8 @@ class Block(nn.Module):
       cache: LayerCache | None,
       mode: str,
       per_layer_input: jax.Array | None = None,
-      shared_view: attention_lib.KVView | None = None,
-  ) -> tuple[jax.Array, LayerCache | None, attention_lib.KVView]:
+      shared_view: tuple[attention_lib.KVView, ...] | None = None,
+  ) -> tuple[jax.Array, LayerCache | None, tuple[attention_lib.KVView, ...]]:
     """Apply the layer to a chunk, reading and updating its KV cache."""
     attn_out, new_cache, view = self.attn.cached(
         self.pre_attention_norm(x), positions, valid, cache, mode, shared_view

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma4_jax import attention
 from gemma4_jax import layers
 from gemma4_jax.sampling import cache as cache_lib
 from gemma4_jax.transformer import Transformer
@@ -140,4 +141,42 @@ def test_streamed_einsum_is_a_float32_einsum(equation, x_shape, w_shape,
     np.testing.assert_allclose(
         np.asarray(out, np.float32), np.asarray(exact),
         rtol=tolerance, atol=tolerance * float(jnp.abs(exact).max()),
+    )
+
+
+# KV-shared layers (E2B-like) and keys-equal-values global layers (31B-like).
+@pytest.mark.parametrize('family', ('e2b_like', '31b_like'))
+def test_blocked_prefill_matches_official_forward(family, monkeypatch):
+  # Blocks of 8 tokens over a 48-token prompt with a window of 8: query
+  # blocks see one, two or all earlier key blocks. Row 1 is right-padded.
+  monkeypatch.setattr(attention, 'BLOCKED_PREFILL_MIN_LENGTH', 16)
+  monkeypatch.setattr(attention, 'PREFILL_BLOCKS', (8,))
+  cfg = oracle.SMALL_CONFIGS[family]
+  params = perturbed_official_params(cfg)
+  lengths = (48, 29)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(1, cfg.vocab_size, (2, 48)).astype(np.int32)
+  mask = np.arange(48)[None] < np.asarray(lengths)[:, None]
+  tokens = np.where(mask, tokens, 0)
+
+  model = Transformer(config=cfg, dtype=jnp.float32)
+  cache = cache_lib.init_cache(cfg, 2, 64, jnp.float32)
+  logits, _ = jax.jit(
+      functools.partial(model.apply, method=Transformer.cached),
+      static_argnames=('mode', 'last_only'),
+  )({'params': params}, jnp.asarray(tokens), cache,
+    input_mask=jnp.asarray(mask), mode='fresh', last_only=False)
+  assert attention.prefill_block((2, 48, cfg.num_heads, 16)) == 8
+
+  official = oracle.official_model(cfg, jnp.float32)
+  for row, length in enumerate(lengths):
+    expected = np.asarray(
+        official.apply({'params': params}, tokens[row : row + 1, :length])
+        .logits[0], np.float32,
+    )
+    ours = np.asarray(logits[row, :length], np.float32)
+    bound = 1e-4 * max(1.0, float(np.abs(expected).max()))
+    error = float(np.abs(ours - expected).max())
+    assert error <= bound, (
+        f'row {row}: max |ours - official| = {error:.3g} > {bound:.3g}'
     )
