@@ -343,6 +343,8 @@ def make_train_step(
     lora: lora_lib.LoraConfig | None = None,
     loss_chunk_size: int = 512,
     load_balancing_weight: float = 0.0,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Build the jitted step of full fine-tuning or of LoRA.
 
@@ -373,6 +375,12 @@ def make_train_step(
     loss_chunk_size: Sequence positions per chunk of the cross-entropy.
     load_balancing_weight: Weight of the MoE router load-balancing loss of
       `loss_lib.model_loss`; 0 leaves it out. Ignored for dense models.
+    mesh: Run the step sharded on this mesh: parameters, optimizer state and
+      base parameters placed by the logical-axis `rules` (default
+      `parallel.rules.DEFAULT_RULES`), batch rows split over the `batch`
+      rule's axes, metrics replicated. The step is compiled with these
+      input and output shardings on its first call and moves its inputs
+      there if they are elsewhere.
   """
   if not load_balancing_weight >= 0:
     raise ValueError(
@@ -411,6 +419,8 @@ def make_train_step(
     def full_step(state: TrainState, batch: dict[str, Any]):
       return step(state, batch, None)
 
+    if mesh is not None:
+      return _sharded(full_step, mesh, rules)
     return jax.jit(full_step, donate_argnums=0)
 
   def lora_loss(adapters, micro_batch, rng, base_params):
@@ -423,4 +433,46 @@ def make_train_step(
     _check_base_dtypes(base_params, model.dtype)
     return step(state, batch, base_params)
 
+  if mesh is not None:
+    return _sharded(lora_step, mesh, rules)
   return jax.jit(lora_step, donate_argnums=0)
+
+
+def _sharded(step_fn: Callable[..., Any], mesh, rules) -> Callable[..., Any]:
+  """Jit `step_fn(state, batch[, base_params])` with explicit shardings.
+
+  The shardings depend on the shapes of the arguments, so the step is
+  compiled on the first call (and again for a new batch shape).
+  """
+  # Imported here: the parallel package imports nothing from training, and
+  # single-device training does not need it.
+  from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.parallel import rules as rules_lib  # pylint: disable=g-import-not-at-top
+
+  rules = rules_lib.DEFAULT_RULES if rules is None else rules
+  compiled = {}
+
+  def call(state, batch, *base):
+    key = jax.tree.structure((state, batch, base)), tuple(
+        getattr(x, 'shape', None) for x in jax.tree.leaves(batch)
+    )
+    if key not in compiled:
+      state_shardings = placement.tree_shardings(state, mesh, rules)
+      in_shardings = (
+          state_shardings,
+          placement.batch_shardings(batch, mesh, rules),
+      ) + tuple(placement.tree_shardings(b, mesh, rules) for b in base)
+      compiled[key] = (
+          jax.jit(
+              step_fn,
+              in_shardings=in_shardings,
+              out_shardings=(state_shardings, placement.replicated(mesh)),
+              donate_argnums=0,
+          ),
+          in_shardings,
+      )
+    fn, in_shardings = compiled[key]
+    args = jax.device_put((state, batch) + base, in_shardings)
+    return fn(*args)
+
+  return call
