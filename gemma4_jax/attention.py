@@ -51,6 +51,33 @@ def sliding_window_mask(
   return (delta > -window) & (delta < window)
 
 
+def image_block_mask(
+    query_blocks: jax.Array, key_blocks: jax.Array
+) -> jax.Array:
+  """Mask [B, T, S] of query and key soft tokens of the same image.
+
+  Args:
+    query_blocks: [B, T] image block ids of the queries (see
+      `vision.merge.image_block_ids`): 0 for text, k for the k-th run of
+      image placeholders of the row.
+    key_blocks: [B, S] the same for the keys.
+  """
+  same = query_blocks[:, :, None] == key_blocks[:, None, :]
+  return same & (query_blocks[:, :, None] > 0)
+
+
+def bidirectional_image_mask(
+    mask: jax.Array, image_blocks: jax.Array
+) -> jax.Array:
+  """`mask` [B, T, T] widened so each image's soft tokens see each other.
+
+  This is the mask of the sliding-window layers of 26B-A4B and 31B for a
+  sequence with images: causal, or both tokens in the same image. The
+  window still applies on top.
+  """
+  return mask | image_block_mask(image_blocks, image_blocks)
+
+
 class KVView(NamedTuple):
   """Keys and values a layer attends to, with the position of each key.
 
@@ -486,6 +513,7 @@ class Attention(nn.Module):
       cache: LayerCache | None,
       mode: str,
       shared_view: tuple[KVView, ...] | None = None,
+      image_blocks: jax.Array | None = None,
   ) -> tuple[jax.Array, LayerCache | None, tuple[KVView, ...]]:
     """Attention for prefill and decode steps, reading and updating `cache`.
 
@@ -497,6 +525,10 @@ class Attention(nn.Module):
       mode: 'fresh' when the cache is still empty (the chunk attends to
         itself only), 'extend' when the chunk continues what is cached.
       shared_view: For KV-shared layers, the view of the source layer.
+      image_blocks: [B, T] image block ids of the chunk's tokens, given for
+        models whose sliding-window layers attend bidirectionally within an
+        image (`vision_bidirectional`). Each image must lie wholly inside
+        one chunk. Global layers ignore it.
 
     Returns:
       The output [B, T, D], the updated cache (None for shared layers) and
@@ -524,7 +556,12 @@ class Attention(nn.Module):
       )
 
     window = None if self.is_global else self.config.sliding_window
-    block = prefill_block(q.shape) if mode == 'fresh' else None
+    bidirectional = image_blocks is not None and not self.is_global
+    block = None
+    # `attend_blocked` knows only the causal and window masks, so a sliding
+    # layer that lets image tokens see later ones attends in one go.
+    if mode == 'fresh' and not bidirectional:
+      block = prefill_block(q.shape)
     if block is not None:
       # In a fresh chunk, `view` contains the chunk's own keys (or those of
       # the KV-sharing source, at the same positions).
@@ -541,6 +578,15 @@ class Attention(nn.Module):
           )
           for part in view
       ]
+      if bidirectional:
+        # The chunk's own keys are the last part of the view, in both modes
+        # and for KV-shared layers alike.
+        keys, values, mask = parts[-1]
+        same_image = image_block_mask(image_blocks, image_blocks)
+        same_image &= sliding_window_mask(
+            positions, view[-1].positions, window
+        )
+        parts[-1] = (keys, values, mask | same_image)
       encoded = attend_to_parts(q, parts)
     out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded, streamed=True)
     return out, new_cache, view

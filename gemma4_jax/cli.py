@@ -175,6 +175,29 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
       '--seed', type=int, default=0, help='seed of the sampling (default: 0)'
   )
 
+  parser.add_argument(
+      '--image',
+      action='append',
+      default=None,
+      metavar='PATH',
+      help=(
+          'an image file to show the model; repeat the flag for several.'
+          ' Each goes where the prompt has a <|image|> mark, or, without'
+          ' marks, before the prompt text. `generate` shows the images with'
+          ' every prompt, `chat` with the first message of each conversation'
+      ),
+  )
+  parser.add_argument(
+      '--image-budget',
+      type=int,
+      choices=(70, 140, 280, 560, 1120),
+      default=280,
+      help=(
+          'soft tokens per image at most; more keeps more detail (default:'
+          ' 280)'
+      ),
+  )
+
 
 def _positive_int(text: str) -> int:
   value = int(text)

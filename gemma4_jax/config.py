@@ -12,6 +12,8 @@ import enum
 import functools
 from typing import Sequence
 
+from gemma4_jax.vision.encoder import VISION_PRESETS, VisionConfig
+
 
 class AttentionKind(enum.Enum):
   """Kind of attention a decoder layer uses."""
@@ -71,6 +73,9 @@ class Gemma4Config:
     final_logit_softcap: Logits become `tanh(x / c) * c`; None disables it.
     vision_bidirectional: Image soft tokens attend to each other in both
       directions in local layers (26B-A4B, 31B).
+    vision: The vision encoder, or None for a text-only model (whose
+      parameter tree then has no `vision_encoder` and no `embedder/mm_*`).
+      `with_vision` attaches the released tower of a preset.
   """
 
   name: str = 'custom'
@@ -98,6 +103,7 @@ class Gemma4Config:
   global_rope_proportion: float = 0.25
   final_logit_softcap: float | None = 30.0
   vision_bidirectional: bool = False
+  vision: VisionConfig | None = None
 
   def __post_init__(self):
     problems = []
@@ -133,6 +139,10 @@ class Gemma4Config:
       problems.append(
           f'experts_per_token={self.experts_per_token} is set but'
           ' num_experts=0; set both or neither'
+      )
+    if self.vision is not None and not isinstance(self.vision, VisionConfig):
+      problems.append(
+          f'vision={self.vision!r} must be a VisionConfig or None'
       )
     if problems:
       # The divisibility checks below would fail on zero or missing values.
@@ -323,3 +333,20 @@ def get_preset(name: str) -> Gemma4Config:
         f'unknown Gemma 4 preset {name!r}; choose one of {sorted(PRESETS)}'
     )
   return PRESETS[key]
+
+
+def with_vision(config: Gemma4Config, vision: VisionConfig | None = None):
+  """Return `config` with a vision encoder (by default its preset's tower).
+
+  Raises:
+    ValueError: `vision` is None and `config.name` is not a preset name.
+  """
+  if vision is None:
+    if config.name not in VISION_PRESETS:
+      raise ValueError(
+          f'config {config.name!r} has no released vision tower; pass'
+          f' vision=VisionConfig(...) or one of the presets'
+          f' {sorted(VISION_PRESETS)}'
+      )
+    vision = VISION_PRESETS[config.name]
+  return dataclasses.replace(config, vision=vision)

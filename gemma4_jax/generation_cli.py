@@ -28,6 +28,8 @@ from gemma4_jax import text as text_lib
 from gemma4_jax.text import chat as chat_lib
 from gemma4_jax.sampling import sampler as sampler_lib
 from gemma4_jax.transformer import Transformer
+from gemma4_jax.vision import encoder as vision_lib
+from gemma4_jax.vision import preprocess as preprocess_lib
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,15 @@ def config_from_json(path: Path) -> config_lib.Gemma4Config:
           f'model config {path}: attention_pattern='
           f'{fields["attention_pattern"]!r} is invalid; give a list of'
           " 'local' and 'global'", EXIT_USAGE
+      ) from error
+  if isinstance(fields.get('vision'), dict):
+    try:
+      fields['vision'] = vision_lib.VisionConfig(**fields['vision'])
+    except (TypeError, ValueError) as error:
+      raise CommandError(
+          f'model config {path}: vision={fields["vision"]!r} is invalid'
+          f' ({error}); give an object of VisionConfig fields or null',
+          EXIT_USAGE,
       ) from error
   fields.setdefault('name', path.stem)
   try:
@@ -194,10 +205,64 @@ class ModelSource:
   tokenizer: text_lib.Tokenizer
 
 
+def with_vision_tower(config: config_lib.Gemma4Config) -> config_lib.Gemma4Config:
+  """Return `config` with a vision encoder, for a run with `--image`."""
+  if config.vision is not None:
+    return config
+  try:
+    return config_lib.with_vision(config)
+  except ValueError as error:
+    raise CommandError(
+        f'--image needs a vision encoder, but model {config.name!r} has none'
+        ' and is not a preset; add a "vision" object of VisionConfig fields'
+        ' to its JSON config', EXIT_USAGE
+    ) from error
+
+
+def load_images(paths: Sequence[str]) -> list[np.ndarray]:
+  """Read the `--image` files as [H, W, 3] uint8 arrays."""
+  images = []
+  for path in paths:
+    try:
+      images.append(preprocess_lib.load_image(path))
+    except (OSError, ValueError) as error:
+      raise CommandError(f'--image: {error}', EXIT_USAGE) from error
+  return images
+
+
+def add_image_marks(prompt: str, num_images: int) -> str:
+  """Put one `<|image|>` mark per image before `prompt`, unless it has marks.
+
+  Raises:
+    CommandError: the prompt has marks, but not one per image.
+  """
+  marks = prompt.count(chat_lib.IMAGE_MARK)
+  if marks == 0:
+    return chat_lib.IMAGE_MARK * num_images + prompt
+  if marks != num_images:
+    raise CommandError(
+        f'the prompt has {marks} {chat_lib.IMAGE_MARK} marks but {num_images}'
+        ' --image files were given; put one mark per image, or none to show'
+        ' the images before the text', EXIT_USAGE
+    )
+  return prompt
+
+
+def image_prompt_tokens(images: Sequence[np.ndarray], budget: int) -> int:
+  """Tokens the images add to a prompt: soft tokens plus 4 framing tokens
+  per image, minus the image's mark."""
+  return sum(
+      preprocess_lib.soft_token_count(*image.shape[:2], budget) + 3
+      for image in images
+  )
+
+
 def resolve_source(args: argparse.Namespace) -> ModelSource:
   """Find the checkpoint, its config and tokenizer. Reads only metadata."""
   files = checkpoint.resolve_checkpoint(args.ckpt)
   config = resolve_config(args.model, files.path)
+  if getattr(args, 'image', None):
+    config = with_vision_tower(config)
   tokenizer = resolve_tokenizer(args.tokenizer, files)
   if tokenizer.vocab_size > config.vocab_size:
     raise CommandError(
@@ -212,9 +277,21 @@ def load_model(source: ModelSource, dtype_name: str) -> LoadedModel:
   """Restore the parameters and build the sampler."""
   dtype = _DTYPES[dtype_name]
   start = time.perf_counter()
-  params = checkpoint.load_params(
-      source.files.path, config=source.config, dtype=dtype
-  )
+  has_vision = source.config.vision is not None
+  try:
+    params = checkpoint.load_params(
+        source.files.path,
+        config=source.config,
+        dtype=dtype,
+        text_only=not has_vision,
+    )
+  except checkpoint.CheckpointMismatchError as error:
+    if not has_vision:
+      raise
+    raise CommandError(
+        f'{error}\nThe images need the vision tower; drop --image for a'
+        ' text-only checkpoint'
+    ) from error
   num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
   logger.info(
       'loaded model %r: %.3f B parameters (%s) in %.1f s',
@@ -376,14 +453,14 @@ def _check_prompt_lengths(
 
 def _generation_records(
     prompts: Sequence[str],
-    prompt_ids: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
     rows: Sequence[Sequence[int]],
     tokenizer: text_lib.Tokenizer,
     stop_ids: Sequence[int],
 ) -> list[tuple[dict[str, Any], text_lib.ParsedOutput]]:
   """Return the JSONL record and the parsed output of each prompt."""
   records = []
-  for prompt, ids, tokens in zip(prompts, prompt_ids, rows):
+  for prompt, prompt_length, tokens in zip(prompts, prompt_lengths, rows):
     text = tokenizer.decode(tokens)
     parsed = text_lib.parse_model_output(text)
     stopped = bool(tokens) and tokens[-1] in stop_ids
@@ -396,7 +473,7 @@ def _generation_records(
             {'name': c.name, 'arguments': c.arguments} for c in parsed.tool_calls
         ],
         'num_tokens': len(tokens),
-        'prompt_tokens': len(ids),
+        'prompt_tokens': prompt_length,
         'finish_reason': 'stop' if stopped else 'length',
         'tokens': list(tokens),
     }
@@ -414,6 +491,10 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
     raise CommandError('a prompt is empty; give some text', EXIT_USAGE)
   sampling = sampling_params(args)
 
+  images = load_images(args.image or ())
+  if images:
+    prompts = [add_image_marks(prompt, len(images)) for prompt in prompts]
+
   source = resolve_source(args)
   empty_thought = uses_empty_thought(source.config, args.thinking)
   prompt_ids = [
@@ -427,7 +508,8 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
       )
       for prompt in prompts
   ]
-  lengths = [len(ids) for ids in prompt_ids]
+  image_tokens = image_prompt_tokens(images, args.image_budget)
+  lengths = [len(ids) + image_tokens for ids in prompt_ids]
   cache_length = _check_prompt_lengths(
       lengths, args.max_new_tokens, args.cache_length
   )
@@ -449,6 +531,8 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
       sampling=sampling,
       seed=args.seed,
       cache_length=cache_length,
+      images=[images] * len(prompts) if images else None,
+      image_budget=args.image_budget,
   ):
     if first_step is None:
       first_step = time.perf_counter()
@@ -458,7 +542,7 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
 
   records = _generation_records(
       prompts,
-      prompt_ids,
+      lengths,
       rows,
       loaded.tokenizer,
       loaded.sampler.default_stop_ids(),
@@ -549,6 +633,8 @@ class ChatSession:
       system: str | None = None,
       thinking: bool = False,
       empty_thought: bool = False,
+      images: Sequence[np.ndarray] = (),
+      image_budget: int = preprocess_lib.DEFAULT_SOFT_TOKEN_BUDGET,
   ):
     if sampler.tokenizer is None:
       raise ValueError('ChatSession needs a Sampler with a tokenizer')
@@ -561,6 +647,8 @@ class ChatSession:
     self.system = system
     self.thinking = thinking
     self.empty_thought = empty_thought
+    self.images = list(images)
+    self.image_budget = image_budget
     self.turns = 0
     self.last_stats: TurnStats | None = None
     self._state: sampler_lib.GenerationState | None = None
@@ -578,8 +666,14 @@ class ChatSession:
     return int(np.max(np.asarray(self._state.cache.lengths)))
 
   def turn_ids(self, user_text: str) -> list[int]:
-    """Token ids the next turn feeds, without the pending answer token."""
+    """Token ids the next turn feeds, without the pending answer token.
+
+    The first turn of a conversation carries the session's images, one
+    `<|image|>` mark each (expanded by the sampler).
+    """
     if self._state is None:
+      if self.images:
+        user_text = add_image_marks(user_text, len(self.images))
       messages = []
       if self.system:
         messages.append({'role': 'system', 'content': self.system})
@@ -606,8 +700,13 @@ class ChatSession:
         is unchanged, so the caller may reset it or try a shorter message.
     """
     ids = self.turn_ids(user_text)
+    images = None
+    if self._state is None and self.images:
+      images = [self.images]
     pending = 0 if self._state is None else int(self._state.pending[0] >= 0)
     prefill = len(ids) + pending
+    if images:
+      prefill += image_prompt_tokens(self.images, self.image_budget)
     needed = self.cache_used + prefill + self.max_new_tokens
     if needed > self.cache_length:
       raise CacheFullError(
@@ -629,6 +728,8 @@ class ChatSession:
         seed=self.seed + self.turns,
         cache_length=self.cache_length,
         state=self._state,
+        images=images,
+        image_budget=self.image_budget,
     ):
       if first_step is None:
         first_step = time.perf_counter()
@@ -707,6 +808,7 @@ def run_chat(
 ) -> int:
   """Read messages from stdin and stream the answers until /exit or EOF."""
   sampling = sampling_params(args)
+  images = load_images(args.image or ())
   source = resolve_source(args)
   loaded = load_model(source, args.dtype)
   session = ChatSession(
@@ -718,6 +820,8 @@ def run_chat(
       system=args.system,
       thinking=args.thinking,
       empty_thought=uses_empty_thought(loaded.config, args.thinking),
+      images=images,
+      image_budget=args.image_budget,
   )
 
   interactive = stdin.isatty()
@@ -742,6 +846,6 @@ def run_chat(
 
     try:
       stream_turn(session, message, stdout, args.show_thinking)
-    except CacheFullError as error:
+    except (CacheFullError, CommandError) as error:
       print(f'gemma4-jax chat: error: {error}', file=sys.stderr)
   return 0

@@ -2,12 +2,20 @@
 
 `Transformer(config=..., dtype=...)` is a Flax linen module whose parameter
 tree is the released (NESTED) tree, so released checkpoints load without any
-renaming. It is a pure function of (params, tokens).
+renaming. It is a pure function of (params, tokens), or of (params, tokens,
+images) when the config has a vision encoder.
+
+With images, the tokens already contain one run of placeholder ids
+(`vision.merge.SOFT_TOKEN_PLACEHOLDER`) per image, as
+`vision.merge.expand_image_placeholders` writes them. The vision encoder
+turns the images into soft tokens, which replace the placeholder embeddings
+in order: the first image of the batch fills the first run of row 0, and so
+on row by row. Positions stay consecutive over the whole sequence.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 import flax
 from flax import linen as nn
@@ -17,8 +25,15 @@ import jax.numpy as jnp
 from gemma4_jax import attention as attention_lib
 from gemma4_jax import layers
 from gemma4_jax import moe as moe_lib
-from gemma4_jax.config import Gemma4Config
+from gemma4_jax.config import LOCAL, Gemma4Config
 from gemma4_jax.sampling.cache import KVCache, LayerCache
+from gemma4_jax.vision import encoder as vision_lib
+from gemma4_jax.vision import merge as merge_lib
+from gemma4_jax.vision import preprocess as preprocess_lib
+
+# Preprocessed images: an `ImageBatch`, or its (patches [N, L, 768],
+# positions_xy [N, L, 2]) arrays, which can cross a `jax.jit` boundary.
+Images = Union[preprocess_lib.ImageBatch, tuple[jax.Array, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -62,6 +77,12 @@ class Embedder(nn.Module):
           dtype=self.dtype,
       )
       self.per_layer_projection_norm = layers.RMSNorm(dtype=self.dtype)
+    if cfg.vision is not None:
+      # Float32 whatever `dtype` is, as in the release. The parameter-free
+      # `mm_pre_projection_norm` is part of this module's computation.
+      self.mm_input_projection = vision_lib.SoftTokenProjection(
+          cfg.vision.embed_dim, cfg.embed_dim
+      )
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """Embeddings [B, T, D] of `tokens` [B, T], times `sqrt(D)`."""
@@ -219,10 +240,21 @@ class Block(nn.Module):
       mode: str,
       per_layer_input: jax.Array | None = None,
       shared_view: tuple[attention_lib.KVView, ...] | None = None,
+      image_blocks: jax.Array | None = None,
   ) -> tuple[jax.Array, LayerCache | None, tuple[attention_lib.KVView, ...]]:
-    """Apply the layer to a chunk, reading and updating its KV cache."""
+    """Apply the layer to a chunk, reading and updating its KV cache.
+
+    `image_blocks` [B, T] (see `Attention.cached`) makes the soft tokens of
+    each image attend to each other in a sliding-window layer.
+    """
     attn_out, new_cache, view = self.attn.cached(
-        self.pre_attention_norm(x), positions, valid, cache, mode, shared_view
+        self.pre_attention_norm(x),
+        positions,
+        valid,
+        cache,
+        mode,
+        shared_view,
+        image_blocks,
     )
     out = self.after_attention(x, attn_out, per_layer_input, streamed=True)
     return out, new_cache, view
@@ -281,6 +313,104 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers)
     ]
     self.final_norm = layers.RMSNorm(dtype=self.dtype)
+    if cfg.vision is not None:
+      self.vision_encoder = vision_lib.VisionEncoder(cfg.vision)
+
+  def _image_arrays(
+      self, images: Images, tokens: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """Check `images` against the config and tokens; return their arrays."""
+    if self.config.vision is None:
+      raise ValueError(
+          f'images were given but config {self.config.name!r} has no vision'
+          ' encoder; build the model with config.with_vision(config)'
+      )
+    if isinstance(images, preprocess_lib.ImageBatch):
+      counts = images.soft_token_counts
+      if not isinstance(tokens, jax.core.Tracer):
+        placeholders = int(
+            jnp.sum(jnp.asarray(tokens) == merge_lib.SOFT_TOKEN_PLACEHOLDER)
+        )
+        if placeholders != sum(counts):
+          raise ValueError(
+              f'the tokens contain {placeholders} image placeholders but the'
+              f' images give {sum(counts)} soft tokens {tuple(counts)};'
+              ' expand each image mark with'
+              ' vision.merge.expand_image_placeholders and these counts'
+          )
+      return jnp.asarray(images.patches), jnp.asarray(images.positions_xy)
+    patches, positions_xy = images
+    return jnp.asarray(patches), jnp.asarray(positions_xy)
+
+  def _init_vision(self) -> None:
+    """Create the vision parameters when `init` is called without images."""
+    vision = self.config.vision
+    kernel = vision.pooling_kernel_size
+    columns, rows = jnp.meshgrid(jnp.arange(kernel), jnp.arange(kernel))
+    positions_xy = jnp.stack([columns, rows], axis=-1).reshape(1, -1, 2)
+    patches = jnp.zeros((1, kernel * kernel, vision.patch_dim), jnp.float32)
+    soft_tokens, _ = self.vision_encoder(patches, positions_xy)
+    self.embedder.mm_input_projection(soft_tokens)
+
+  def embed(
+      self,
+      tokens: jax.Array,
+      images: Images | None = None,
+      streamed: bool = False,
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """Embed `tokens` [B, T] and write the images' soft tokens over them.
+
+    Returns:
+      The embeddings [B, T, D] and the per-layer inputs [B, T, L, P] (None
+      without PLE). Text embeddings are multiplied by sqrt(D), soft tokens
+      are not. Placeholder ids read row 0 of the per-layer embedding table,
+      but the projection part of the per-layer inputs sees the soft tokens.
+    """
+    cfg = self.config
+    image_arrays = None
+    if images is not None:
+      image_arrays = self._image_arrays(images, tokens)
+
+    x = self.embedder.encode(tokens)
+    if image_arrays is not None:
+      soft_tokens = self.encode_images(*image_arrays)
+      # Merging over the flattened batch hands each row the images that
+      # follow those of the rows before it.
+      batch, length, dim = x.shape
+      x = merge_lib.merge_soft_embeddings(
+          x.reshape(1, batch * length, dim),
+          tokens.reshape(1, batch * length),
+          soft_tokens,
+      ).reshape(batch, length, dim)
+    elif cfg.vision is not None and self.is_initializing():
+      self._init_vision()
+
+    per_layer_inputs = None
+    if cfg.per_layer_input_dim:
+      per_layer_inputs = self.embedder.per_layer_inputs(x, tokens, streamed)
+    return x, per_layer_inputs
+
+  def encode_images(
+      self, patches: jax.Array, positions_xy: jax.Array
+  ) -> jax.Array:
+    """Encode images into soft tokens in the text embedding space.
+
+    Args:
+      patches: [N, L, 768] patches of N images (all rows of the batch, in
+        order), as `vision.preprocess.preprocess_images` gives them.
+      positions_xy: [N, L, 2] their patch positions, -1 for padding.
+
+    Returns:
+      [1, N * L / 9, D] float32: the real soft tokens of all images one after
+      another, then padding. `merge_soft_embeddings` hands them out to the
+      placeholders of the flattened batch in order.
+    """
+    soft_tokens, is_token = self.vision_encoder(patches, positions_xy)
+    projected = self.embedder.mm_input_projection(soft_tokens)
+    projected = projected.reshape(-1, projected.shape[-1])
+    is_token = is_token.reshape(-1)
+    (real,) = jnp.nonzero(is_token, size=is_token.shape[0], fill_value=0)
+    return projected[real][None]
 
   def __call__(
       self,
@@ -290,6 +420,7 @@ class Transformer(nn.Module):
       input_mask: jax.Array | None = None,
       segment_ids: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
+      images: Images | None = None,
       return_logits: bool = True,
       return_hidden_states: bool = False,
   ) -> Output:
@@ -297,6 +428,8 @@ class Transformer(nn.Module):
 
     Args:
       tokens: Token ids [B, T]. Batches are right-padded with `pad_id`.
+        With `images`, each image is a run of placeholder ids (see the
+        module docstring).
       positions: [B, T] positions; defaults to counting the valid tokens.
       input_mask: [B, T], True for real tokens; defaults to
         `tokens != pad_id`.
@@ -305,6 +438,9 @@ class Transformer(nn.Module):
       attention_mask: [B, T, T], True where query t may see key s. Replaces
         the default causal, padding and segment mask; local layers still add
         the sliding window.
+      images: The images of all rows, in order, for a model with a vision
+        encoder. In `vision_bidirectional` models the soft tokens of one
+        image also see each other in the sliding-window layers.
       return_logits: Compute the [B, T, V] logits (skip for a chunked loss).
       return_hidden_states: Also return the final-normed hidden states.
 
@@ -342,20 +478,23 @@ class Transformer(nn.Module):
       positions = attention_lib.positions_from_mask(input_mask)
     if attention_mask is None:
       attention_mask = attention_lib.causal_mask(input_mask, segment_ids)
+    local_mask = attention_mask
+    if images is not None and cfg.vision_bidirectional:
+      local_mask = attention_lib.bidirectional_image_mask(
+          attention_mask, merge_lib.image_block_ids(tokens)
+      )
 
-    x = self.embedder.encode(tokens)
-    per_layer_inputs = None
-    if cfg.per_layer_input_dim:
-      per_layer_inputs = self.embedder.per_layer_inputs(x, tokens)
+    x, per_layer_inputs = self.embed(tokens, images)
 
     layer_kv = []
     for i, block in enumerate(self.blocks):
       source = cfg.kv_source_layers[i]
       shared_kv = layer_kv[source] if source != i else None
+      is_local = cfg.layer_kinds[i] == LOCAL
       x, kv = block(
           x,
           positions,
-          attention_mask,
+          local_mask if is_local else attention_mask,
           None if per_layer_inputs is None else per_layer_inputs[:, :, i],
           shared_kv,
       )
@@ -384,6 +523,7 @@ class Transformer(nn.Module):
       input_mask: jax.Array | None = None,
       mode: str = 'extend',
       last_only: bool = True,
+      images: Images | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """Run a prompt chunk or one decode step against `cache`.
 
@@ -398,6 +538,8 @@ class Transformer(nn.Module):
         itself, with no read of the cache), 'extend' otherwise.
       last_only: Return logits [B, V] of each row's last valid token rather
         than [B, T, V].
+      images: The images whose placeholder runs are in this chunk, as in
+        `__call__`. Each image must lie wholly inside the chunk.
 
     Returns:
       The logits and the updated cache.
@@ -411,12 +553,10 @@ class Transformer(nn.Module):
     offsets = jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1
     positions = cache.lengths[:, None] + jnp.maximum(offsets, 0)
 
-    x = self.embedder.encode(tokens)
-    per_layer_inputs = None
-    if cfg.per_layer_input_dim:
-      per_layer_inputs = self.embedder.per_layer_inputs(
-          x, tokens, streamed=True
-      )
+    x, per_layer_inputs = self.embed(tokens, images, streamed=True)
+    image_blocks = None
+    if images is not None and cfg.vision_bidirectional:
+      image_blocks = merge_lib.image_block_ids(tokens)
 
     new_layers = []
     views = []
@@ -430,6 +570,7 @@ class Transformer(nn.Module):
           mode,
           None if per_layer_inputs is None else per_layer_inputs[:, :, i],
           views[source] if source != i else None,
+          image_blocks,
       )
       new_layers.append(layer_cache)
       views.append(view)

@@ -250,8 +250,9 @@ def load_params(
       (e.g. a Kaggle download with `tokenizer.model` beside it). Layouts
       NESTED, FLAT and STACKED are read.
     config: When given, every text parameter must have the key and shape that
-      this config expects. When None, the checkpoint need only be a Gemma 4
-      decoder.
+      this config expects, and so must the vision parameters when it has a
+      vision encoder and `text_only` is False. When None, the checkpoint
+      need only be a Gemma 4 decoder.
     dtype: Dtype of the returned text parameters, cast while restoring; None
       keeps the stored dtype. Multimodal parameters are always float32.
     text_only: Skip the vision and audio towers and their embedder
@@ -286,6 +287,12 @@ def load_params(
     variants.validate_shapes(shapes, config, source=str(checkpoint.orbax_dir))
   else:
     variants.check_is_gemma4(shapes)
+  if config is not None and config.vision is not None and not text_only:
+    variants.validate_vision_shapes(
+        variants.vision_shapes(abstract),
+        config,
+        source=str(checkpoint.orbax_dir),
+    )
 
   plan = _plan_restore(
       abstract, dtype=dtype, text_only=text_only, sharding=sharding

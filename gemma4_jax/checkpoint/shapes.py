@@ -2,7 +2,8 @@
 
 `expected_param_shapes` gives the NESTED tree of shapes that the model's
 `init` creates, without building the model, so that variant detection and
-validation can run on checkpoint metadata alone.
+validation can run on checkpoint metadata alone. `expected_vision_shapes`
+does the same for the vision tower, by tracing its `init` abstractly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from gemma4_jax.config import Gemma4Config
+from gemma4_jax.vision import encoder as vision_lib
 
 Shape = tuple[int, ...]
 
@@ -103,6 +108,30 @@ def expected_param_shapes(config: Gemma4Config) -> dict[str, Any]:
     shapes[f'layer_{layer}'] = _layer_shapes(config, layer)
   shapes['final_norm'] = _scale(config.embed_dim)
   return shapes
+
+
+def expected_vision_shapes(config: Gemma4Config) -> dict[str, Any]:
+  """Return the NESTED shapes of the vision parameters of `config`.
+
+  The tree has `vision_encoder` and `embedder/mm_input_projection`; it is
+  empty when `config.vision` is None.
+  """
+  vision = config.vision
+  if vision is None:
+    return {}
+  kernel_area = vision.pooling_kernel_size**2
+  patches = jax.ShapeDtypeStruct((1, kernel_area, vision.patch_dim), jnp.float32)
+  positions = jax.ShapeDtypeStruct((1, kernel_area, 2), jnp.int32)
+  encoder = jax.eval_shape(
+      vision_lib.VisionEncoder(vision).init, jax.random.key(0), patches,
+      positions,
+  )['params']
+  return {
+      'vision_encoder': jax.tree.map(lambda leaf: tuple(leaf.shape), encoder),
+      'embedder': {
+          'mm_input_projection': _weight(vision.embed_dim, config.embed_dim)
+      },
+  }
 
 
 def count_params(shapes: Mapping[str, Any]) -> int:

@@ -22,7 +22,10 @@ from gemma4_jax.checkpoint.errors import (
     UnknownVariantError,
     UnsupportedCheckpointError,
 )
-from gemma4_jax.checkpoint.shapes import expected_param_shapes
+from gemma4_jax.checkpoint.shapes import (
+    expected_param_shapes,
+    expected_vision_shapes,
+)
 from gemma4_jax.config import GLOBAL, LOCAL, AttentionKind, Gemma4Config
 
 Shape = tuple[int, ...]
@@ -508,6 +511,50 @@ def validate_shapes(
       f' {len(comparison.missing)} missing keys,'
       f' {len(comparison.unexpected)} unexpected keys):\n  '
       + '\n  '.join(comparison.describe(config.name))
+      + f'\n{fix}',
+      missing=comparison.missing,
+      unexpected=comparison.unexpected,
+      wrong_shapes=comparison.wrong_shapes,
+  )
+
+
+def vision_shapes(tree: Mapping[str, Any]) -> ShapeMap:
+  """Return the shapes of the vision parameters of a tree in any layout."""
+  _, multimodal = layouts.split_multimodal(layouts.to_nested(tree))
+  return {
+      path: shape
+      for path, shape in shape_map(multimodal).items()
+      if path.startswith(('vision_encoder/', 'embedder/mm_'))
+  }
+
+
+def validate_vision_shapes(
+    shapes: ShapeMap, config: Gemma4Config, *, source: str
+) -> None:
+  """Raise `CheckpointMismatchError` unless the vision shapes fit `config`.
+
+  Args:
+    shapes: Vision shapes of the checkpoint (see `vision_shapes`).
+    config: A config with a vision encoder.
+    source: The checkpoint path or a description, for the message.
+  """
+  expected = shape_map(expected_vision_shapes(config))
+  comparison = compare_shapes(shapes, expected)
+  if comparison.matches:
+    return
+  if not shapes:
+    fix = (
+        'The checkpoint has no vision tower: load it with text_only=True and'
+        ' a text-only config.'
+    )
+  else:
+    fix = 'Pass the vision config of the checkpoint, or check the path.'
+  raise CheckpointMismatchError(
+      f'the vision tower of checkpoint {source} does not fit config'
+      f' {config.name!r} ({len(comparison.wrong_shapes)} wrong shapes,'
+      f' {len(comparison.missing)} missing keys,'
+      f' {len(comparison.unexpected)} unexpected keys):\n  '
+      + '\n  '.join(comparison.describe(f'the vision config of {config.name}'))
       + f'\n{fix}',
       missing=comparison.missing,
       unexpected=comparison.unexpected,

@@ -20,6 +20,8 @@ import numpy as np
 
 from gemma4_jax.sampling.cache import KVCache, init_cache
 from gemma4_jax.transformer import Transformer
+from gemma4_jax.vision import merge as merge_lib
+from gemma4_jax.vision import preprocess as preprocess_lib
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +105,11 @@ class StepFunctions:
 def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
   """Compile the prefill, extend and decode steps of `model`.
 
-  - `prefill(params, tokens [B, T], input_mask [B, T], cache)` fills an empty
-    cache with right-padded prompts and returns (logits [B, V] of each
-    row's last token, cache).
+  - `prefill(params, tokens [B, T], input_mask [B, T], cache, images=None)`
+    fills an empty cache with right-padded prompts and returns (logits
+    [B, V] of each row's last token, cache). `images` is (patches,
+    positions_xy) of the images whose placeholders are in `tokens` (see
+    `Transformer.cached`).
   - `extend(params, tokens, input_mask, cache)` does the same for a chunk that
     continues a filled cache (the next turn of a chat).
   - `decode(params, tokens [B], active [B], cache, rng)` feeds one token per
@@ -114,7 +118,7 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
   The cache argument is donated: its buffers are reused for the result.
   """
 
-  def run(params, tokens, input_mask, cache, mode):
+  def run(params, tokens, input_mask, cache, mode, images=None):
     return model.apply(
         {'params': params},
         tokens,
@@ -122,6 +126,7 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
         input_mask=input_mask,
         mode=mode,
         last_only=True,
+        images=images,
         method=Transformer.cached,
     )
 
@@ -278,6 +283,8 @@ class Sampler:
       cache_length: int | None = None,
       state: GenerationState | None = None,
       add_bos: bool | None = None,
+      images: Sequence[Sequence[preprocess_lib.ImageLike]] | None = None,
+      image_budget: int = preprocess_lib.DEFAULT_SOFT_TOKEN_BUDGET,
   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens [B], active [B]) after each step; see `generate`."""
     return self._run(
@@ -290,6 +297,8 @@ class Sampler:
         cache_length=cache_length,
         state=state,
         add_bos=add_bos,
+        images=images,
+        image_budget=image_budget,
     )
 
   def generate(
@@ -304,6 +313,8 @@ class Sampler:
       cache_length: int | None = None,
       state: GenerationState | None = None,
       add_bos: bool | None = None,
+      images: Sequence[Sequence[preprocess_lib.ImageLike]] | None = None,
+      image_budget: int = preprocess_lib.DEFAULT_SOFT_TOKEN_BUDGET,
   ) -> Generation:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
@@ -322,6 +333,12 @@ class Sampler:
       state: The state of the previous turn, to continue its conversation.
       add_bos: Prepend `<bos>` to text prompts; defaults to True for a new
         conversation and False when continuing one.
+      images: Per prompt, its images (paths, PIL images or arrays) in the
+        order of its `<|image|>` marks, one image per mark. Each mark becomes
+        the image's soft tokens framed by `<|image>` and `<image|>`. Needs a
+        model with a vision encoder and a tokenizer.
+      image_budget: Soft tokens per image at most (70, 140, 280, 560 or
+        1120); images keep their aspect ratio within it.
 
     Returns:
       The generated tokens, texts and the state for a next turn.
@@ -336,6 +353,8 @@ class Sampler:
           cache_length=cache_length,
           state=state,
           add_bos=add_bos,
+        images=images,
+        image_budget=image_budget,
       )
     rows: list[list[int]] | None = None
     state_out = None
@@ -349,6 +368,8 @@ class Sampler:
         cache_length=cache_length,
         state=state,
         add_bos=add_bos,
+        images=images,
+        image_budget=image_budget,
     )
     for tokens, active in steps:
       if rows is None:
@@ -364,7 +385,7 @@ class Sampler:
 
   def _generate_fused(
       self, prompts, *, max_new_tokens, sampling, seed, stop_ids,
-      cache_length, state, add_bos,
+      cache_length, state, add_bos, images, image_budget,
   ) -> Generation:
     """`generate` without stop strings: the whole decode is one compiled loop."""
     logits, cache, stop_ids, steps = self._start(
@@ -376,6 +397,8 @@ class Sampler:
         cache_length=cache_length,
         state=state,
         add_bos=add_bos,
+        images=images,
+        image_budget=image_budget,
     )
     rng, step_rng = jax.random.split(jax.random.key(seed))
     first = sample_tokens(logits, step_rng, sampling)
@@ -404,6 +427,8 @@ class Sampler:
       cache_length,
       state,
       add_bos,
+      images,
+      image_budget,
   ) -> tuple[Any, KVCache, tuple[int, ...], StepFunctions]:
     """Encode, check lengths, prefill; return (logits, cache, stop ids, steps)."""
     if isinstance(prompts, str):
@@ -416,6 +441,14 @@ class Sampler:
       add_bos = state is None
     encoded = self._encode(prompts, add_bos)
     batch = len(encoded)
+    image_arrays = None
+    if images is not None:
+      encoded, image_batch = self._expand_images(encoded, images, image_budget)
+      if image_batch is not None:
+        image_arrays = (
+            jnp.asarray(image_batch.patches),
+            jnp.asarray(image_batch.positions_xy),
+        )
     if state is not None:
       if state.cache.batch_size != batch:
         raise ValueError(
@@ -457,7 +490,11 @@ class Sampler:
           self.model.config, batch, cache_length, self.cache_dtype
       )
       logits, cache = steps.prefill(
-          self.params, jnp.asarray(tokens), jnp.asarray(input_mask), cache
+          self.params,
+          jnp.asarray(tokens),
+          jnp.asarray(input_mask),
+          cache,
+          images=image_arrays,
       )
     else:
       logits, cache = steps.extend(
@@ -465,10 +502,69 @@ class Sampler:
           jnp.asarray(tokens),
           jnp.asarray(input_mask),
           state.cache,
+          images=image_arrays,
       )
 
     stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
     return logits, cache, stop_ids, steps
+
+  def _expand_images(
+      self,
+      encoded: list[list[int]],
+      images: Sequence[Sequence[preprocess_lib.ImageLike]],
+      budget: int,
+  ) -> tuple[list[list[int]], preprocess_lib.ImageBatch | None]:
+    """Preprocess the images and expand each row's image marks.
+
+    Returns:
+      The expanded token rows, and the images of all rows in order (None
+      when no row has one).
+    """
+    if self.model.config.vision is None:
+      raise ValueError(
+          f'images were given but model config {self.model.config.name!r} has'
+          ' no vision encoder; build it with config.with_vision(config)'
+      )
+    if self.tokenizer is None:
+      raise ValueError(
+          'images need a tokenizer to find the image marks; pass tokenizer='
+          ' to Sampler'
+      )
+    if isinstance(images, (str, bytes)) or len(images) != len(encoded):
+      raise ValueError(
+          f'images must hold one list of images per prompt ({len(encoded)}'
+          ' prompts); pass [] for a prompt without images'
+      )
+    ids = merge_lib.image_token_ids(self.tokenizer)
+    flat_images = []
+    for row, (tokens, row_images) in enumerate(zip(encoded, images)):
+      marks = tokens.count(ids['image_token'])
+      if marks != len(row_images):
+        raise ValueError(
+            f'prompt {row} has {marks} `<|image|>` marks but'
+            f' {len(row_images)} images; put one mark where each image goes'
+        )
+      flat_images.extend(row_images)
+    if not flat_images:
+      return encoded, None
+
+    batch = preprocess_lib.preprocess_images(flat_images, budget)
+    counts = []
+    start = 0
+    for row_images in images:
+      counts.append(batch.soft_token_counts[start : start + len(row_images)])
+      start += len(row_images)
+    lengths = [len(tokens) for tokens in encoded]
+    padded = np.zeros((len(encoded), max(lengths)), np.int32)
+    for row, tokens in enumerate(encoded):
+      padded[row, : len(tokens)] = tokens
+    # Each mark adds its soft tokens plus 4 framing tokens, minus itself.
+    expanded = merge_lib.expand_image_placeholders(padded, counts, **ids)
+    rows = [
+        expanded[row, : lengths[row] + sum(c + 3 for c in counts[row])]
+        for row in range(len(encoded))
+    ]
+    return [row.tolist() for row in rows], batch
 
   def _run(
       self,
@@ -482,6 +578,8 @@ class Sampler:
       cache_length,
       state,
       add_bos,
+      images,
+      image_budget,
   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     logits, cache, stop_ids, steps = self._start(
         prompts,
@@ -492,6 +590,8 @@ class Sampler:
         cache_length=cache_length,
         state=state,
         add_bos=add_bos,
+        images=images,
+        image_budget=image_budget,
     )
     batch = logits.shape[0]
     rng = jax.random.key(seed)

@@ -26,6 +26,8 @@ from gemma4_jax.text import tools as tools_lib
 from gemma4_jax.text.tokenizer import THINKING_PIECES, TOOL_PIECES, Tokenizer
 
 BOS_TEXT = '<bos>'
+# The mark a prompt contains where an image goes. The sampler expands it.
+IMAGE_MARK = '<|image|>'
 # The prompt suffix that the 26B-A4B and 31B templates add when thinking is
 # off: an empty, closed thought. The E2B and E4B templates do not add it.
 EMPTY_THOUGHT = '<|channel>thought\n<channel|>'
@@ -64,6 +66,66 @@ def content_text(message: Message) -> str:
       parts.append(item.get('text', ''))
     return ''.join(parts)
   raise ValueError(f'message content must be a string, got {type(content).__name__}')
+
+
+def _is_image_part(item: Any) -> bool:
+  return isinstance(item, Mapping) and item.get('type') == 'image'
+
+
+def _image_of(item: Mapping[str, Any]) -> Any:
+  """Return the image of an image part: its `image` value, else its `path`."""
+  image = item.get('image', item.get('path'))
+  if image is None:
+    raise ValueError(
+        f'image part {item!r} has no image; pass {{"type": "image", "image":'
+        ' PATH_OR_PIL_IMAGE_OR_ARRAY}'
+    )
+  return image
+
+
+def message_images(messages: Sequence[Message]) -> list[Any]:
+  """Collect the images of all image parts of `messages`, in prompt order.
+
+  An image part is `{'type': 'image', 'image': X}` (or `'path': X`), where X
+  is a file path, a PIL image or an array. `format_chat` writes `<|image|>`
+  for each part; pass these images, in this order, to `Sampler.generate`.
+  """
+  images = []
+  for message in messages:
+    content = message.get('content')
+    if isinstance(content, Sequence) and not isinstance(content, str):
+      images.extend(_image_of(item) for item in content if _is_image_part(item))
+  return images
+
+
+def _turn_text(message: Message, role: str) -> str:
+  """Render the text of a turn, with `<|image|>` for each image part.
+
+  Like the official template, each text part is trimmed (model turns: its
+  thinking stripped) on its own, and the parts are joined without a space.
+  """
+  content = message.get('content')
+  if not isinstance(content, Sequence) or isinstance(content, str):
+    text = content_text(message)
+    return strip_thinking(text) if role == 'model' else text.strip()
+  if not any(_is_image_part(item) for item in content):
+    text = content_text(message)
+    return strip_thinking(text) if role == 'model' else text.strip()
+  parts = []
+  for item in content:
+    if _is_image_part(item):
+      _image_of(item)
+      parts.append(IMAGE_MARK)
+    elif isinstance(item, Mapping) and item.get('type') == 'text':
+      text = item.get('text', '')
+      parts.append(strip_thinking(text) if role == 'model' else text.strip())
+    else:
+      raise ValueError(
+          f'content item {item!r} is not supported: use text parts'
+          " ({'type': 'text', 'text': ...}) and image parts"
+          " ({'type': 'image', 'image': ...})"
+      )
+  return ''.join(parts)
 
 
 def strip_thinking(text: str) -> str:
@@ -125,7 +187,8 @@ def format_chat(
 
   Args:
     messages: Dicts with `role` (system, developer, user, model, assistant,
-      tool), `content` (text, or for tool messages also a mapping),
+      tool), `content` (text, a list of text and image parts, or for tool
+      messages also a mapping; see `message_images`),
       optionally `tool_calls`, and for a tool message `name` or
       `tool_call_id`. A model message's `reasoning` (or
       `reasoning_content`, `thinking`) is its thought.
@@ -226,8 +289,7 @@ def _render_chat_spans(
         responded = True
         last_kind = 'tool_response'
 
-    text = content_text(message)
-    text = strip_thinking(text) if role == 'model' else text.strip()
+    text = _turn_text(message, role)
     out.append((text, by_model))
 
     if last_kind == 'tool_call' and not responded:

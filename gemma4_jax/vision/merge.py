@@ -24,6 +24,26 @@ import numpy as np
 SOFT_TOKEN_PLACEHOLDER = -2
 
 
+# Pieces of the Gemma 4 tokenizer that mark and frame an image, by the
+# keyword of `expand_image_placeholders` that takes their id.
+IMAGE_PIECES = {
+    'image_token': '<|image|>',
+    'start_of_image': '<|image>',
+    'end_of_image': '<image|>',
+    'double_newline': '\n\n',
+}
+
+
+def image_token_ids(tokenizer) -> dict[str, int]:
+  """Ids of the image pieces, as keywords of `expand_image_placeholders`.
+
+  Args:
+    tokenizer: A `gemma4_jax.text.Tokenizer`. It raises
+      `MissingSpecialTokenError` when it lacks a piece.
+  """
+  return {name: tokenizer.piece_id(piece) for name, piece in IMAGE_PIECES.items()}
+
+
 def expand_image_placeholders(
     tokens: np.ndarray,
     soft_token_counts: Sequence[Sequence[int]],
