@@ -13,9 +13,9 @@ fi
 # (best effort: without it those tests are skipped with the reason).
 if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
     && [ "$(id -u)" = 0 ]; then
-  timeout 300 apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
-    || { timeout 300 apt-get update -qq >/dev/null 2>&1 \
-         && timeout 300 apt-get install -y -qq espeak-ng >/dev/null 2>&1; } \
+  timeout 60 apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
+    || { timeout 60 apt-get update -qq >/dev/null 2>&1 \
+         && timeout 60 apt-get install -y -qq espeak-ng >/dev/null 2>&1; } \
     || echo "espeak-ng could not be installed; the real-speech audio tests will be skipped"
 fi
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
