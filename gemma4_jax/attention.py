@@ -558,8 +558,8 @@ class Attention(nn.Module):
     window = None if self.is_global else self.config.sliding_window
     bidirectional = image_blocks is not None and not self.is_global
     block = None
-    # `attend_blocked` knows only the causal and window masks, so a sliding
-    # layer that lets image tokens see later ones attends in one go.
+    # `attend_blocked` applies only the causal and window masks, so a sliding
+    # layer where image tokens attend to later ones attends in one go.
     if mode == 'fresh' and not bidirectional:
       block = prefill_block(q.shape)
     if block is not None:

@@ -666,7 +666,7 @@ class ChatSession:
     return int(np.max(np.asarray(self._state.cache.lengths)))
 
   def turn_ids(self, user_text: str) -> list[int]:
-    """Token ids the next turn feeds, without the pending answer token.
+    """Return the token ids of the next turn, without the pending model token.
 
     The first turn of a conversation carries the session's images, one
     `<|image|>` mark each (expanded by the sampler).

@@ -364,7 +364,7 @@ class Transformer(nn.Module):
       The embeddings [B, T, D] and the per-layer inputs [B, T, L, P] (None
       without PLE). Text embeddings are multiplied by sqrt(D), soft tokens
       are not. Placeholder ids read row 0 of the per-layer embedding table,
-      but the projection part of the per-layer inputs sees the soft tokens.
+      but the projection part of the per-layer inputs uses the soft tokens.
     """
     cfg = self.config
     image_arrays = None
