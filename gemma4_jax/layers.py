@@ -7,7 +7,11 @@ Parameter names follow the released Gemma 4 checkpoints.
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import math
+import os
+import time
 from typing import Sequence
 
 from flax import linen as nn
@@ -19,6 +23,17 @@ RMS_NORM_EPS = 1e-6
 # Bytes of weight that `streamed_einsum` converts and multiplies per loop
 # step: small enough for the float32 copy to stay in the L2 cache.
 STREAM_CHUNK_BYTES = 1 << 20
+
+# How `streamed_einsum` multiplies a one-row activation: 'chunked' (a loop
+# of matrix-vector products over chunks of the weight), 'padded' (the row and
+# a row of zeros as one two-row product) or 'auto' (whichever of the two is
+# faster on this machine, timed once per pair of dtypes). The environment
+# variable GEMMA4_JAX_SINGLE_ROW_PRODUCT sets the default.
+SINGLE_ROW_PRODUCT = os.environ.get('GEMMA4_JAX_SINGLE_ROW_PRODUCT', 'auto')
+_SINGLE_ROW_MODES = ('auto', 'chunked', 'padded')
+_timed_single_row_modes: dict[tuple[str, str], str] = {}
+
+_logger = logging.getLogger(__name__)
 
 
 def rms_norm(x: jax.Array) -> jax.Array:
@@ -82,6 +97,7 @@ def streamed_einsum(
     w: jax.Array,
     *,
     chunk_bytes: int | None = None,
+    mode: str | None = None,
 ) -> jax.Array:
   """`jnp.einsum(equation, x, w)` for inference, accumulated in float32.
 
@@ -95,7 +111,9 @@ def streamed_einsum(
     kernel. Here a loop takes one chunk of the weight at a time (about
     `chunk_bytes`) and multiplies it with the row as a matrix-vector
     product, which XLA fuses with the conversion: the weight is read once,
-    in its own dtype.
+    in its own dtype ('chunked'). On CPUs with fast bfloat16 matrix units
+    (AMX), one product of the row and a row of zeros reads the weight
+    faster still ('padded'). `single_row_mode` picks one per machine.
   - With more rows (prefill, batched decode), one product with
     `preferred_element_type=float32` lets XLA multiply the bfloat16 operands
     directly, without converting the weight first.
@@ -106,6 +124,8 @@ def streamed_einsum(
     x: Activations.
     w: Weight, chunked along its leading axes.
     chunk_bytes: Bytes of weight per loop step (default STREAM_CHUNK_BYTES).
+    mode: 'chunked' or 'padded' for a one-row `x`; None asks
+      `single_row_mode`.
 
   Returns:
     The product, in `x.dtype`.
@@ -124,6 +144,15 @@ def streamed_einsum(
   ]
   if rows != 1 or irregular or w.size * w.dtype.itemsize <= chunk_bytes:
     return _matrix_einsum(x_spec, w_spec, out_spec, x, w, acc).astype(dtype)
+  if mode is None:
+    mode = single_row_mode(x.dtype, w.dtype)
+  if mode == 'padded':
+    p = next(c for c in 'PQRSUVWXYZ' if c not in x_spec + w_spec + out_spec)
+    padded = jnp.stack([x, jnp.zeros_like(x)])
+    out = _matrix_einsum(p + x_spec, w_spec, p + out_spec, padded, w, acc)
+    return out[0].astype(dtype)
+  if mode != 'chunked':
+    raise ValueError(f"mode={mode!r} must be 'chunked', 'padded' or None")
 
   # Merge the leading axes of `w`, all kept or all summed, until one index
   # of the merged axis is no more than a chunk. Chunks along that axis are
@@ -207,6 +236,54 @@ def streamed_einsum(
       sizes[c] if c in x_free else w.shape[w_spec.index(c)] for c in out_spec
   ]
   return out.reshape(out_shape).astype(dtype)
+
+
+def _time_single_row_modes(x_dtype, w_dtype) -> str:
+  """Time both one-row strategies on a 64 MiB weight; return the faster."""
+  rows, cols = (64 << 20) // (2048 * jnp.dtype(w_dtype).itemsize), 2048
+  seconds = {}
+  w = jnp.ones((rows, cols), w_dtype)
+  x = jnp.ones((1, 1, cols), x_dtype)
+  for mode in ('chunked', 'padded'):
+    product = jax.jit(
+        lambda x, w, mode=mode: streamed_einsum('BTD,VD->BTV', x, w, mode=mode)
+    )
+    product(x, w).block_until_ready()
+    runs = []
+    for _ in range(5):
+      start = time.perf_counter()
+      product(x, w).block_until_ready()
+      runs.append(time.perf_counter() - start)
+    seconds[mode] = sorted(runs)[len(runs) // 2]
+  best = min(seconds, key=seconds.get)
+  _logger.info(
+      'one-row %s x %s product of a 64 MiB weight: chunked %.1f ms, padded'
+      ' %.1f ms; using %s',
+      jnp.dtype(x_dtype).name, jnp.dtype(w_dtype).name,
+      seconds['chunked'] * 1e3, seconds['padded'] * 1e3, best,
+  )
+  return best
+
+
+def single_row_mode(x_dtype, w_dtype) -> str:
+  """The strategy `streamed_einsum` uses for one row of these dtypes."""
+  if SINGLE_ROW_PRODUCT not in _SINGLE_ROW_MODES:
+    raise ValueError(
+        f'SINGLE_ROW_PRODUCT={SINGLE_ROW_PRODUCT!r} (or the environment'
+        ' variable GEMMA4_JAX_SINGLE_ROW_PRODUCT) must be one of'
+        f' {_SINGLE_ROW_MODES}'
+    )
+  if SINGLE_ROW_PRODUCT != 'auto':
+    return SINGLE_ROW_PRODUCT
+  key = (jnp.dtype(x_dtype).name, jnp.dtype(w_dtype).name)
+  if key not in _timed_single_row_modes:
+    # Usually called while a model is traced. JAX's trace state is per
+    # thread, so a new thread runs the timing eagerly, outside the trace.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      _timed_single_row_modes[key] = pool.submit(
+          _time_single_row_modes, x_dtype, w_dtype
+      ).result()
+  return _timed_single_row_modes[key]
 
 
 def normal_init(stddev: float):

@@ -53,9 +53,11 @@ def cached_logits(cfg, params, tokens, dtype):
 
 
 @pytest.mark.parametrize('family', ('31b_like', 'e2b_like'))
-@pytest.mark.parametrize('chunk_bytes', (256, 4096))
+@pytest.mark.parametrize(
+    'mode, chunk_bytes', (('chunked', 256), ('chunked', 4096), ('padded', 256))
+)
 def test_chunked_decode_steps_match_official_forward(
-    family, chunk_bytes, monkeypatch
+    family, mode, chunk_bytes, monkeypatch
 ):
   # Two KV heads everywhere, so that the global layer also takes the
   # block-diagonal attention (the 31B-like test model has one).
@@ -63,6 +65,7 @@ def test_chunked_decode_steps_match_official_forward(
       oracle.SMALL_CONFIGS[family], num_global_kv_heads=2
   )
   monkeypatch.setattr(layers, 'STREAM_CHUNK_BYTES', chunk_bytes)
+  monkeypatch.setattr(layers, 'SINGLE_ROW_PRODUCT', mode)
   params = perturbed_official_params(cfg)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(
@@ -78,11 +81,13 @@ def test_chunked_decode_steps_match_official_forward(
   assert error <= bound, f'max |ours - official| = {error:.3g} > {bound:.3g}'
 
 
-def test_bfloat16_decode_steps_match_official_forward(monkeypatch):
-  """In bfloat16 the chunked steps stay as close to the official forward
-  pass as our own unchunked forward pass is."""
+@pytest.mark.parametrize('mode', ('chunked', 'padded'))
+def test_bfloat16_decode_steps_match_official_forward(mode, monkeypatch):
+  """In bfloat16 the streamed steps stay as close to the official forward
+  pass as our own unstreamed forward pass is."""
   cfg = dataclasses.replace(oracle.DENSE_LIKE, num_global_kv_heads=2)
   monkeypatch.setattr(layers, 'STREAM_CHUNK_BYTES', 512)
+  monkeypatch.setattr(layers, 'SINGLE_ROW_PRODUCT', mode)
   params = jax.tree.map(
       lambda x: x.astype(jnp.bfloat16), perturbed_official_params(cfg)
   )
@@ -132,8 +137,12 @@ def test_streamed_einsum_is_a_float32_einsum(equation, x_shape, w_shape,
       equation, x.astype(jnp.float32), w.astype(jnp.float32),
       precision=jax.lax.Precision.HIGHEST,
   )
-  for chunk_bytes in (64, 1000, 1 << 20):
-    out = layers.streamed_einsum(equation, x, w, chunk_bytes=chunk_bytes)
+  for chunk_bytes, mode in (
+      (64, 'chunked'), (1000, 'chunked'), (1 << 20, 'chunked'), (64, 'padded')
+  ):
+    out = layers.streamed_einsum(
+        equation, x, w, chunk_bytes=chunk_bytes, mode=mode
+    )
     assert out.dtype == dtype
     assert out.shape == exact.shape
     # float32: summation order only; bfloat16: one rounding of the result.
@@ -180,3 +189,21 @@ def test_blocked_prefill_matches_official_forward(family, monkeypatch):
     assert error <= bound, (
         f'row {row}: max |ours - official| = {error:.3g} > {bound:.3g}'
     )
+
+
+def test_auto_single_row_mode_is_timed_once_inside_a_trace(monkeypatch):
+  monkeypatch.setattr(layers, 'SINGLE_ROW_PRODUCT', 'auto')
+  monkeypatch.setattr(layers, '_timed_single_row_modes', {})
+  x = jnp.ones((1, 1, 64), jnp.bfloat16)
+  w = jnp.ones((4096, 64), jnp.bfloat16)
+  # 512 KiB of weight in 1 KiB chunks: a one-row product that asks for a mode.
+  product = jax.jit(
+      lambda x, w: layers.streamed_einsum('BTD,VD->BTV', x, w, chunk_bytes=1024)
+  )
+  np.testing.assert_array_equal(np.asarray(product(x, w), np.float32), 64.0)
+  assert layers._timed_single_row_modes[('bfloat16', 'bfloat16')] in (
+      'chunked', 'padded'
+  )
+  monkeypatch.setattr(layers, 'SINGLE_ROW_PRODUCT', 'fast')
+  with pytest.raises(ValueError, match="SINGLE_ROW_PRODUCT='fast'"):
+    layers.single_row_mode(jnp.float32, jnp.float32)
