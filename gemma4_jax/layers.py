@@ -24,11 +24,11 @@ RMS_NORM_EPS = 1e-6
 # step: small enough for the float32 copy to stay in the L2 cache.
 STREAM_CHUNK_BYTES = 1 << 20
 
-# How `streamed_einsum` multiplies a one-row activation: 'chunked' (a loop
-# of matrix-vector products over chunks of the weight), 'padded' (the row and
-# a row of zeros as one two-row product) or 'auto' (whichever of the two is
-# faster on this machine, timed once per pair of dtypes). The environment
-# variable GEMMA4_JAX_SINGLE_ROW_PRODUCT sets the default.
+# How `streamed_einsum` multiplies a one-row activation. 'chunked' is a loop
+# of matrix-vector products over chunks of the weight. 'padded' is one
+# product of the row and a row of zeros. 'auto' times both once per pair of
+# dtypes and uses the faster. The environment variable
+# GEMMA4_JAX_SINGLE_ROW_PRODUCT sets the default.
 SINGLE_ROW_PRODUCT = os.environ.get('GEMMA4_JAX_SINGLE_ROW_PRODUCT', 'auto')
 _SINGLE_ROW_MODES = ('auto', 'chunked', 'padded')
 _timed_single_row_modes: dict[tuple[str, str], str] = {}
@@ -54,6 +54,21 @@ def _expand_ellipsis(equation: str, x_ndim: int) -> tuple[str, str, str]:
   return x_spec, w_spec, out_spec
 
 
+def _is_matrix_weight(x_spec: str, w_spec: str, out_spec: str) -> bool:
+  """Return whether `w` reshapes for free into a [kept, summed] matrix.
+
+  That holds when its kept axes come all before or all after its summed
+  axes, and every summed axis is one of `x`'s.
+  """
+  kept = ''.join(c for c in w_spec if c in out_spec)
+  summed = ''.join(c for c in w_spec if c not in out_spec)
+  return (
+      all(c in x_spec for c in summed)
+      and not any(c in x_spec for c in kept)
+      and w_spec in (kept + summed, summed + kept)
+  )
+
+
 def _matrix_einsum(x_spec, w_spec, out_spec, x, w, acc):
   """Compute one einsum with `acc` accumulation, the weight as a matrix.
 
@@ -65,12 +80,7 @@ def _matrix_einsum(x_spec, w_spec, out_spec, x, w, acc):
   plain = f'{x_spec},{w_spec}->{out_spec}'
   kept = ''.join(c for c in w_spec if c in out_spec)
   summed = ''.join(c for c in w_spec if c not in out_spec)
-  shapes_fit = (
-      all(c in x_spec for c in summed)
-      and not any(c in x_spec for c in kept)
-      and w_spec in (kept + summed, summed + kept)
-  )
-  if not shapes_fit:
+  if not _is_matrix_weight(x_spec, w_spec, out_spec):
     return jnp.einsum(plain, x, w, preferred_element_type=acc)
   x_kept = ''.join(c for c in x_spec if c in out_spec)
   x_matrix = jnp.einsum(f'{x_spec}->{x_kept}{summed}', x)
@@ -124,7 +134,7 @@ def streamed_einsum(
     x: Activations.
     w: Weight, chunked along its leading axes.
     chunk_bytes: Bytes of weight per loop step (default STREAM_CHUNK_BYTES).
-    mode: 'chunked' or 'padded' for a one-row `x`; None asks
+    mode: 'chunked' or 'padded' for a one-row `x`. None uses
       `single_row_mode`.
 
   Returns:
@@ -146,13 +156,17 @@ def streamed_einsum(
     return _matrix_einsum(x_spec, w_spec, out_spec, x, w, acc).astype(dtype)
   if mode is None:
     mode = single_row_mode(x.dtype, w.dtype)
-  if mode == 'padded':
+  # A weight that is not a matrix as stored would be copied into one on
+  # every call, so it always takes the chunked loop.
+  if mode == 'padded' and _is_matrix_weight(x_spec, w_spec, out_spec):
     p = next(c for c in 'PQRSUVWXYZ' if c not in x_spec + w_spec + out_spec)
     padded = jnp.stack([x, jnp.zeros_like(x)])
     out = _matrix_einsum(p + x_spec, w_spec, p + out_spec, padded, w, acc)
     return out[0].astype(dtype)
-  if mode != 'chunked':
-    raise ValueError(f"mode={mode!r} must be 'chunked', 'padded' or None")
+  if mode not in ('chunked', 'padded'):
+    raise ValueError(
+        f"invalid mode={mode!r}. Use 'chunked', 'padded' or None"
+    )
 
   # Merge the leading axes of `w`, all kept or all summed, until one index
   # of the merged axis is no more than a chunk. Chunks along that axis are
@@ -266,11 +280,11 @@ def _time_single_row_modes(x_dtype, w_dtype) -> str:
 
 
 def single_row_mode(x_dtype, w_dtype) -> str:
-  """The strategy `streamed_einsum` uses for one row of these dtypes."""
+  """Return the strategy `streamed_einsum` uses for one row of these dtypes."""
   if SINGLE_ROW_PRODUCT not in _SINGLE_ROW_MODES:
     raise ValueError(
-        f'SINGLE_ROW_PRODUCT={SINGLE_ROW_PRODUCT!r} (or the environment'
-        ' variable GEMMA4_JAX_SINGLE_ROW_PRODUCT) must be one of'
+        f'invalid SINGLE_ROW_PRODUCT={SINGLE_ROW_PRODUCT!r} (also set by the'
+        ' environment variable GEMMA4_JAX_SINGLE_ROW_PRODUCT). Use one of'
         f' {_SINGLE_ROW_MODES}'
     )
   if SINGLE_ROW_PRODUCT != 'auto':
