@@ -188,6 +188,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
       ),
   )
   parser.add_argument(
+      '--audio',
+      action='append',
+      default=None,
+      metavar='PATH',
+      help=(
+          'an audio file (WAV, FLAC, OGG; at most 30 s) for the model to hear'
+          ' (E2B and E4B only); repeat the flag for several. Each goes where'
+          ' the prompt has a <|audio|> mark, or, without marks, before the'
+          ' prompt text (after any images), with the same rules as --image'
+      ),
+  )
+  parser.add_argument(
       '--image-budget',
       type=int,
       choices=(70, 140, 280, 560, 1120),

@@ -12,6 +12,7 @@ import enum
 import functools
 from typing import Sequence
 
+from gemma4_jax.audio.encoder import AudioConfig
 from gemma4_jax.vision.encoder import VISION_PRESETS, VisionConfig
 
 
@@ -76,6 +77,9 @@ class Gemma4Config:
     vision: The vision encoder, or None for a text-only model (whose
       parameter tree then has no `vision_encoder` and no `embedder/mm_*`).
       `with_vision` attaches the released tower of a preset.
+    audio: The audio encoder (E2B and E4B), or None (no `audio_encoder` and
+      no `embedder/audio_input_projection` in the tree). `with_audio`
+      attaches the released tower.
   """
 
   name: str = 'custom'
@@ -104,6 +108,7 @@ class Gemma4Config:
   final_logit_softcap: float | None = 30.0
   vision_bidirectional: bool = False
   vision: VisionConfig | None = None
+  audio: AudioConfig | None = None
 
   def __post_init__(self):
     problems = []
@@ -144,6 +149,8 @@ class Gemma4Config:
       problems.append(
           f'vision={self.vision!r} must be a VisionConfig or None'
       )
+    if self.audio is not None and not isinstance(self.audio, AudioConfig):
+      problems.append(f'audio={self.audio!r} must be an AudioConfig or None')
     if problems:
       # The divisibility checks below would fail on zero or missing values.
       raise ValueError(
@@ -350,3 +357,23 @@ def with_vision(config: Gemma4Config, vision: VisionConfig | None = None):
       )
     vision = VISION_PRESETS[config.name]
   return dataclasses.replace(config, vision=vision)
+
+
+# Presets whose release has an audio tower. Both use the default AudioConfig.
+AUDIO_PRESETS = ('e2b', 'e4b')
+
+
+def with_audio(config: Gemma4Config, audio: AudioConfig | None = None):
+  """Return `config` with an audio encoder (by default the released one).
+
+  Raises:
+    ValueError: `audio` is None and `config.name` is not E2B or E4B.
+  """
+  if audio is None:
+    if config.name not in AUDIO_PRESETS:
+      raise ValueError(
+          f'config {config.name!r} has no released audio tower (only'
+          f' {list(AUDIO_PRESETS)} have one); pass audio=AudioConfig(...)'
+      )
+    audio = AudioConfig()
+  return dataclasses.replace(config, audio=audio)

@@ -28,6 +28,8 @@ from gemma4_jax import text as text_lib
 from gemma4_jax.text import chat as chat_lib
 from gemma4_jax.sampling import sampler as sampler_lib
 from gemma4_jax.transformer import Transformer
+from gemma4_jax.audio import encoder as audio_encoder
+from gemma4_jax.audio import features as audio_features
 from gemma4_jax.vision import encoder as vision_lib
 from gemma4_jax.vision import preprocess as preprocess_lib
 
@@ -104,6 +106,15 @@ def config_from_json(path: Path) -> config_lib.Gemma4Config:
       raise CommandError(
           f'model config {path}: vision={fields["vision"]!r} is invalid'
           f' ({error}); give an object of VisionConfig fields or null',
+          EXIT_USAGE,
+      ) from error
+  if isinstance(fields.get('audio'), dict):
+    try:
+      fields['audio'] = audio_encoder.AudioConfig(**fields['audio'])
+    except (TypeError, ValueError) as error:
+      raise CommandError(
+          f'model config {path}: audio={fields["audio"]!r} is invalid'
+          f' ({error}); give an object of AudioConfig fields or null',
           EXIT_USAGE,
       ) from error
   fields.setdefault('name', path.stem)
@@ -219,6 +230,54 @@ def with_vision_tower(config: config_lib.Gemma4Config) -> config_lib.Gemma4Confi
     ) from error
 
 
+def with_audio_tower(config: config_lib.Gemma4Config) -> config_lib.Gemma4Config:
+  """Return `config` with an audio encoder, for a run with `--audio`."""
+  if config.audio is not None:
+    return config
+  try:
+    return config_lib.with_audio(config)
+  except ValueError as error:
+    raise CommandError(
+        f'--audio needs an audio encoder, but model {config.name!r} has none;'
+        ' only E2B and E4B hear audio', EXIT_USAGE
+    ) from error
+
+
+def load_audio_clips(paths: Sequence[str]) -> list[np.ndarray]:
+  """Read the `--audio` files as 16 kHz mono float32 waveforms."""
+  clips = []
+  for path in paths:
+    try:
+      clips.append(audio_features.load_audio(path))
+    except (OSError, ValueError) as error:
+      raise CommandError(f'--audio: {error}', EXIT_USAGE) from error
+  return clips
+
+
+def add_audio_marks(prompt: str, num_clips: int) -> str:
+  """Put one `<|audio|>` mark per clip before `prompt`, unless it has marks.
+
+  Raises:
+    CommandError: the prompt has marks, but not one per clip.
+  """
+  marks = prompt.count(chat_lib.AUDIO_MARK)
+  if marks == 0:
+    return chat_lib.AUDIO_MARK * num_clips + prompt
+  if marks != num_clips:
+    raise CommandError(
+        f'the prompt has {marks} {chat_lib.AUDIO_MARK} marks but {num_clips}'
+        ' --audio files were given; put one mark per clip, or none to play'
+        ' the clips before the text', EXIT_USAGE
+    )
+  return prompt
+
+
+def audio_prompt_tokens(clips: Sequence[np.ndarray]) -> int:
+  """Tokens the clips add to a prompt: soft tokens plus 2 framing tokens
+  per clip, minus the clip's mark."""
+  return sum(audio_features.num_soft_tokens(len(clip)) + 1 for clip in clips)
+
+
 def load_images(paths: Sequence[str]) -> list[np.ndarray]:
   """Read the `--image` files as [H, W, 3] uint8 arrays."""
   images = []
@@ -263,6 +322,8 @@ def resolve_source(args: argparse.Namespace) -> ModelSource:
   config = resolve_config(args.model, files.path)
   if getattr(args, 'image', None):
     config = with_vision_tower(config)
+  if getattr(args, 'audio', None):
+    config = with_audio_tower(config)
   tokenizer = resolve_tokenizer(args.tokenizer, files)
   if tokenizer.vocab_size > config.vocab_size:
     raise CommandError(
@@ -278,19 +339,24 @@ def load_model(source: ModelSource, dtype_name: str) -> LoadedModel:
   dtype = _DTYPES[dtype_name]
   start = time.perf_counter()
   has_vision = source.config.vision is not None
+  has_audio = source.config.audio is not None
   try:
     params = checkpoint.load_params(
         source.files.path,
         config=source.config,
         dtype=dtype,
-        text_only=not has_vision,
+        text_only=not (has_vision or has_audio),
     )
   except checkpoint.CheckpointMismatchError as error:
-    if not has_vision:
+    if not (has_vision or has_audio):
       raise
+    flags = ' and '.join(
+        flag for flag, used in (('--image', has_vision), ('--audio', has_audio))
+        if used
+    )
     raise CommandError(
-        f'{error}\nThe images need the vision tower; drop --image for a'
-        ' text-only checkpoint'
+        f'{error}\nThe media need their towers; drop {flags} for a'
+        ' checkpoint without them'
     ) from error
   num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
   logger.info(
@@ -492,6 +558,9 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
   sampling = sampling_params(args)
 
   images = load_images(args.image or ())
+  clips = load_audio_clips(args.audio or ())
+  if clips:
+    prompts = [add_audio_marks(prompt, len(clips)) for prompt in prompts]
   if images:
     prompts = [add_image_marks(prompt, len(images)) for prompt in prompts]
 
@@ -508,8 +577,9 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
       )
       for prompt in prompts
   ]
-  image_tokens = image_prompt_tokens(images, args.image_budget)
-  lengths = [len(ids) + image_tokens for ids in prompt_ids]
+  media_tokens = image_prompt_tokens(images, args.image_budget)
+  media_tokens += audio_prompt_tokens(clips)
+  lengths = [len(ids) + media_tokens for ids in prompt_ids]
   cache_length = _check_prompt_lengths(
       lengths, args.max_new_tokens, args.cache_length
   )
@@ -533,6 +603,7 @@ def run_generate(args: argparse.Namespace, stdout: TextIO = sys.stdout) -> int:
       cache_length=cache_length,
       images=[images] * len(prompts) if images else None,
       image_budget=args.image_budget,
+      audio=[clips] * len(prompts) if clips else None,
   ):
     if first_step is None:
       first_step = time.perf_counter()
@@ -635,6 +706,7 @@ class ChatSession:
       empty_thought: bool = False,
       images: Sequence[np.ndarray] = (),
       image_budget: int = preprocess_lib.DEFAULT_SOFT_TOKEN_BUDGET,
+      audio: Sequence[np.ndarray] = (),
   ):
     if sampler.tokenizer is None:
       raise ValueError('ChatSession needs a Sampler with a tokenizer')
@@ -649,6 +721,7 @@ class ChatSession:
     self.empty_thought = empty_thought
     self.images = list(images)
     self.image_budget = image_budget
+    self.audio = list(audio)
     self.turns = 0
     self.last_stats: TurnStats | None = None
     self._state: sampler_lib.GenerationState | None = None
@@ -668,10 +741,13 @@ class ChatSession:
   def turn_ids(self, user_text: str) -> list[int]:
     """Return the token ids of the next turn, without the pending model token.
 
-    The first turn of a conversation carries the session's images, one
-    `<|image|>` mark each (expanded by the sampler).
+    The first turn of a conversation carries the session's images and
+    audio clips, one `<|image|>` or `<|audio|>` mark each (expanded by the
+    sampler).
     """
     if self._state is None:
+      if self.audio:
+        user_text = add_audio_marks(user_text, len(self.audio))
       if self.images:
         user_text = add_image_marks(user_text, len(self.images))
       messages = []
@@ -703,10 +779,15 @@ class ChatSession:
     images = None
     if self._state is None and self.images:
       images = [self.images]
+    audio = None
+    if self._state is None and self.audio:
+      audio = [self.audio]
     pending = 0 if self._state is None else int(self._state.pending[0] >= 0)
     prefill = len(ids) + pending
     if images:
       prefill += image_prompt_tokens(self.images, self.image_budget)
+    if audio:
+      prefill += audio_prompt_tokens(self.audio)
     needed = self.cache_used + prefill + self.max_new_tokens
     if needed > self.cache_length:
       raise CacheFullError(
@@ -730,6 +811,7 @@ class ChatSession:
         state=self._state,
         images=images,
         image_budget=self.image_budget,
+        audio=audio,
     ):
       if first_step is None:
         first_step = time.perf_counter()
@@ -809,6 +891,7 @@ def run_chat(
   """Read messages from stdin and stream the answers until /exit or EOF."""
   sampling = sampling_params(args)
   images = load_images(args.image or ())
+  clips = load_audio_clips(args.audio or ())
   source = resolve_source(args)
   loaded = load_model(source, args.dtype)
   session = ChatSession(
@@ -822,6 +905,7 @@ def run_chat(
       empty_thought=uses_empty_thought(loaded.config, args.thinking),
       images=images,
       image_budget=args.image_budget,
+      audio=clips,
   )
 
   interactive = stdin.isatty()

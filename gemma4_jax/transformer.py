@@ -11,6 +11,11 @@ With images, the tokens already contain one run of placeholder ids
 turns the images into soft tokens, which replace the placeholder embeddings
 in order: the first image of the batch fills the first run of row 0, and so
 on row by row. Positions stay consecutive over the whole sequence.
+
+Audio (E2B and E4B) works the same way: one run of audio placeholder ids
+(`audio.merge.AUDIO_SOFT_TOKEN_PLACEHOLDER`) per clip, as
+`audio.merge.expand_audio_placeholders` writes them, filled with the audio
+encoder's soft tokens in order. Audio soft tokens attend causally, like text.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from gemma4_jax import attention as attention_lib
+from gemma4_jax.audio import encoder as audio_lib
+from gemma4_jax.audio import features as audio_features
+from gemma4_jax.audio import merge as audio_merge
 from gemma4_jax import layers
 from gemma4_jax import moe as moe_lib
 from gemma4_jax.config import LOCAL, Gemma4Config
@@ -34,6 +42,12 @@ from gemma4_jax.vision import preprocess as preprocess_lib
 # Preprocessed images: an `ImageBatch`, or its (patches [N, L, 768],
 # positions_xy [N, L, 2]) arrays, which can cross a `jax.jit` boundary.
 Images = Union[preprocess_lib.ImageBatch, tuple[jax.Array, jax.Array]]
+
+# Prepared audio clips: an `AudioBatch`, or its (waveforms [N, S], lengths
+# [N], soft-token counts [N]) arrays, which can cross a `jax.jit` boundary.
+Audio = Union[
+    audio_features.AudioBatch, tuple[jax.Array, jax.Array, jax.Array]
+]
 
 
 @flax.struct.dataclass
@@ -82,6 +96,11 @@ class Embedder(nn.Module):
       # `mm_pre_projection_norm` is part of this module's computation.
       self.mm_input_projection = vision_lib.SoftTokenProjection(
           cfg.vision.embed_dim, cfg.embed_dim
+      )
+    if cfg.audio is not None:
+      # Float32 as well. `audio_soft_embedding_norm` has no parameters.
+      self.audio_input_projection = audio_lib.AudioSoftTokenProjection(
+          cfg.audio.soft_token_dim, cfg.embed_dim
       )
 
   def encode(self, tokens: jax.Array) -> jax.Array:
@@ -315,6 +334,8 @@ class Transformer(nn.Module):
     self.final_norm = layers.RMSNorm(dtype=self.dtype)
     if cfg.vision is not None:
       self.vision_encoder = vision_lib.VisionEncoder(cfg.vision)
+    if cfg.audio is not None:
+      self.audio_encoder = audio_lib.AudioEncoder(cfg.audio)
 
   def _image_arrays(
       self, images: Images, tokens: jax.Array
@@ -342,6 +363,42 @@ class Transformer(nn.Module):
     patches, positions_xy = images
     return jnp.asarray(patches), jnp.asarray(positions_xy)
 
+  def _audio_arrays(
+      self, audio: Audio, tokens: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Check `audio` against the config and tokens; return its arrays."""
+    if self.config.audio is None:
+      raise ValueError(
+          f'audio was given but config {self.config.name!r} has no audio'
+          ' encoder (only E2B and E4B have one); build the model with'
+          ' config.with_audio(config)'
+      )
+    if isinstance(audio, audio_features.AudioBatch):
+      counts = audio.soft_token_counts
+      if not isinstance(tokens, jax.core.Tracer):
+        placeholders = int(
+            jnp.sum(
+                jnp.asarray(tokens) == audio_merge.AUDIO_SOFT_TOKEN_PLACEHOLDER
+            )
+        )
+        if placeholders != sum(counts):
+          raise ValueError(
+              f'the tokens contain {placeholders} audio placeholders but the'
+              f' clips give {sum(counts)} soft tokens {tuple(counts)};'
+              ' expand each audio mark with'
+              ' audio.merge.expand_audio_placeholders and these counts'
+          )
+      audio = audio.arrays()
+    waveforms, lengths, counts = audio
+    return jnp.asarray(waveforms), jnp.asarray(lengths), jnp.asarray(counts)
+
+  def _init_audio(self) -> None:
+    """Create the audio parameters when `init` is called without audio."""
+    waveforms = jnp.zeros((1, audio_features.MIN_SAMPLES), jnp.float32)
+    lengths = jnp.full((1,), audio_features.MIN_SAMPLES, jnp.int32)
+    soft_tokens, _ = self.audio_encoder(waveforms, lengths)
+    self.embedder.audio_input_projection(soft_tokens)
+
   def _init_vision(self) -> None:
     """Create the vision parameters when `init` is called without images."""
     vision = self.config.vision
@@ -357,8 +414,9 @@ class Transformer(nn.Module):
       tokens: jax.Array,
       images: Images | None = None,
       streamed: bool = False,
+      audio: Audio | None = None,
   ) -> tuple[jax.Array, jax.Array | None]:
-    """Embed `tokens` [B, T] and write the images' soft tokens over them.
+    """Embed `tokens` [B, T] and write the media's soft tokens over them.
 
     Returns:
       The embeddings [B, T, D] and the per-layer inputs [B, T, L, P] (None
@@ -384,6 +442,18 @@ class Transformer(nn.Module):
       ).reshape(batch, length, dim)
     elif cfg.vision is not None and self.is_initializing():
       self._init_vision()
+
+    if audio is not None:
+      audio_arrays = self._audio_arrays(audio, tokens)
+      soft_tokens = self.encode_audio(*audio_arrays)
+      batch, length, dim = x.shape
+      x = audio_merge.merge_audio_embeddings(
+          x.reshape(1, batch * length, dim),
+          tokens.reshape(1, batch * length),
+          soft_tokens,
+      ).reshape(batch, length, dim)
+    elif cfg.audio is not None and self.is_initializing():
+      self._init_audio()
 
     per_layer_inputs = None
     if cfg.per_layer_input_dim:
@@ -412,6 +482,31 @@ class Transformer(nn.Module):
     (real,) = jnp.nonzero(is_token, size=is_token.shape[0], fill_value=0)
     return projected[real][None]
 
+  def encode_audio(
+      self, waveforms: jax.Array, lengths: jax.Array, counts: jax.Array
+  ) -> jax.Array:
+    """Encode audio clips into soft tokens in the text embedding space.
+
+    Args:
+      waveforms: [N, S] 16 kHz clips of all rows of the batch, in order,
+        right-padded with zeros.
+      lengths: [N] samples of each clip.
+      counts: [N] soft tokens of each clip in the text
+        (`audio.features.num_soft_tokens` of its length).
+
+    Returns:
+      [1, N * T, D] float32: the first `counts[i]` soft tokens of each clip
+      one after another, then padding. `merge_audio_embeddings` hands them
+      out to the placeholders of the flattened batch in order.
+    """
+    soft_tokens, _ = self.audio_encoder(waveforms, lengths)
+    projected = self.embedder.audio_input_projection(soft_tokens)  # [N, T, D]
+    num_clips, num_tokens, dim = projected.shape
+    is_token = jnp.arange(num_tokens)[None, :] < jnp.asarray(counts)[:, None]
+    is_token = is_token.reshape(-1)
+    (real,) = jnp.nonzero(is_token, size=is_token.shape[0], fill_value=0)
+    return projected.reshape(num_clips * num_tokens, dim)[real][None]
+
   def __call__(
       self,
       tokens: jax.Array,
@@ -421,6 +516,7 @@ class Transformer(nn.Module):
       segment_ids: jax.Array | None = None,
       attention_mask: jax.Array | None = None,
       images: Images | None = None,
+      audio: Audio | None = None,
       return_logits: bool = True,
       return_hidden_states: bool = False,
   ) -> Output:
@@ -441,6 +537,9 @@ class Transformer(nn.Module):
       images: The images of all rows, in order, for a model with a vision
         encoder. In `vision_bidirectional` models the soft tokens of one
         image also see each other in the sliding-window layers.
+      audio: The audio clips of all rows, in order, for a model with an
+        audio encoder (E2B, E4B): an `audio.features.AudioBatch` or its
+        `arrays()`.
       return_logits: Compute the [B, T, V] logits (skip for a chunked loss).
       return_hidden_states: Also return the final-normed hidden states.
 
@@ -484,7 +583,7 @@ class Transformer(nn.Module):
           attention_mask, merge_lib.image_block_ids(tokens)
       )
 
-    x, per_layer_inputs = self.embed(tokens, images)
+    x, per_layer_inputs = self.embed(tokens, images, audio=audio)
 
     layer_kv = []
     for i, block in enumerate(self.blocks):
@@ -524,6 +623,7 @@ class Transformer(nn.Module):
       mode: str = 'extend',
       last_only: bool = True,
       images: Images | None = None,
+      audio: Audio | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """Run a prompt chunk or one decode step against `cache`.
 
@@ -540,6 +640,8 @@ class Transformer(nn.Module):
         than [B, T, V].
       images: The images whose placeholder runs are in this chunk, as in
         `__call__`. Each image must lie wholly inside the chunk.
+      audio: The audio clips whose placeholder runs are in this chunk, as in
+        `__call__`. Each clip must lie wholly inside the chunk.
 
     Returns:
       The logits and the updated cache.
@@ -553,7 +655,7 @@ class Transformer(nn.Module):
     offsets = jnp.cumsum(input_mask.astype(jnp.int32), axis=1) - 1
     positions = cache.lengths[:, None] + jnp.maximum(offsets, 0)
 
-    x, per_layer_inputs = self.embed(tokens, images, streamed=True)
+    x, per_layer_inputs = self.embed(tokens, images, streamed=True, audio=audio)
     image_blocks = None
     if images is not None and cfg.vision_bidirectional:
       image_blocks = merge_lib.image_block_ids(tokens)

@@ -205,5 +205,5 @@ def test_auto_single_row_mode_is_timed_once_inside_a_trace(monkeypatch):
       'chunked', 'padded'
   )
   monkeypatch.setattr(layers, 'SINGLE_ROW_PRODUCT', 'fast')
-  with pytest.raises(ValueError, match="SINGLE_ROW_PRODUCT='fast'"):
+  with pytest.raises(ValueError, match="invalid SINGLE_ROW_PRODUCT='fast'"):
     layers.single_row_mode(jnp.float32, jnp.float32)

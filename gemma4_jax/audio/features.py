@@ -26,9 +26,10 @@ whose sampler takes 16 kHz float arrays. Files are read with `soundfile`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Sequence
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +90,11 @@ def _read_file(path: str | os.PathLike) -> tuple[np.ndarray, int]:
 
 def _mix_to_mono(samples: np.ndarray) -> np.ndarray:
   """Average the channels of [samples] or [samples, channels] audio."""
+  if samples.ndim in (1, 2) and samples.shape[0] == 0:
+    raise ValueError(
+        f'audio clip has 0 samples (it is empty, shape {samples.shape}). Pass'
+        f' a clip of at least {MIN_SAMPLES} samples at 16 kHz'
+    )
   if samples.ndim == 1:
     return samples
   if samples.ndim != 2:
@@ -209,6 +215,65 @@ def batch_clips(clips: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   for i, clip in enumerate(clips):
     waveforms[i, : len(clip)] = clip
   return waveforms, lengths
+
+
+# One clip: a file path, 16 kHz float samples, or (samples, sample rate in Hz).
+AudioLike = Union[str, os.PathLike, np.ndarray, tuple[np.ndarray, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioBatch:
+  """Clips ready for the audio encoder, and their soft-token counts.
+
+  Attributes:
+    waveforms: [N, S] float32 16 kHz samples, right-padded with zeros.
+    lengths: [N] int32 samples of each clip.
+    soft_token_counts: Soft tokens of each clip in the text sequence
+      (`num_soft_tokens` of its length).
+  """
+
+  waveforms: np.ndarray
+  lengths: np.ndarray
+  soft_token_counts: tuple[int, ...]
+
+  def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (waveforms, lengths, counts), which can cross `jax.jit`."""
+    return (
+        self.waveforms,
+        self.lengths,
+        np.asarray(self.soft_token_counts, np.int32),
+    )
+
+
+def prepare_audio(clips: Sequence[AudioLike]) -> AudioBatch:
+  """Load, resample and batch clips for the audio encoder.
+
+  Args:
+    clips: Each a path of an audio file, a [samples] or [samples, channels]
+      array at 16 kHz, or a (samples, sample_rate) pair.
+
+  Raises:
+    ValueError: a clip cannot be read, is shorter than one mel frame (an
+      empty clip, for example) or is longer than 30 s.
+  """
+  waveforms = []
+  for i, clip in enumerate(clips):
+    try:
+      if isinstance(clip, tuple):
+        samples, sample_rate = clip
+        waveforms.append(load_audio(samples, sample_rate))
+      elif isinstance(clip, (str, os.PathLike)):
+        waveforms.append(load_audio(clip))
+      else:
+        waveforms.append(load_audio(clip, SAMPLE_RATE))
+    except ValueError as error:
+      raise ValueError(f'audio clip {i}: {error}') from error
+  batch, lengths = batch_clips(waveforms)
+  return AudioBatch(
+      waveforms=batch,
+      lengths=lengths,
+      soft_token_counts=tuple(num_soft_tokens(int(n)) for n in lengths),
+  )
 
 
 def _hertz_to_mel(frequency):

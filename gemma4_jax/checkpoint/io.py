@@ -121,13 +121,17 @@ def _plan_restore(
     abstract: Mapping[str, Any],
     *,
     dtype: np.dtype | None,
-    text_only: bool,
+    towers: frozenset[str],
     sharding: Mapping[str, Any] | None,
 ) -> _Plan:
   refs = layouts.to_nested(_leaf_refs(abstract))
   text_refs, multimodal_refs = layouts.split_multimodal(refs)
   flat_text = layouts.flatten_paths(text_refs)
-  flat_multimodal = {} if text_only else layouts.flatten_paths(multimodal_refs)
+  flat_multimodal = {
+      path: ref
+      for path, ref in layouts.flatten_paths(multimodal_refs).items()
+      if layouts.multimodal_tower(path) in towers
+  }
 
   requested = layouts.flatten_paths(sharding) if sharding is not None else {}
   if sharding is not None:
@@ -179,7 +183,7 @@ def _plan_restore(
   return _Plan(
       checkpoint_tree=checkpoint_tree,
       nested_refs=layouts.merge_trees(
-          text_refs, {} if text_only else multimodal_refs
+          text_refs, layouts.unflatten_paths(flat_multimodal)
       ),
       shardings=shardings,
       partial=len(leaf_dtypes) < num_leaves,
@@ -250,9 +254,10 @@ def load_params(
       (e.g. a Kaggle download with `tokenizer.model` beside it). Layouts
       NESTED, FLAT and STACKED are read.
     config: When given, every text parameter must have the key and shape that
-      this config expects, and so must the vision parameters when it has a
-      vision encoder and `text_only` is False. When None, the checkpoint
-      need only be a Gemma 4 decoder.
+      this config expects, and so must the parameters of each tower it has
+      (vision, audio) when `text_only` is False. Towers the config lacks
+      are not read. When None, the checkpoint need only be a Gemma 4
+      decoder, and every tower it has is read.
     dtype: Dtype of the returned text parameters, cast while restoring; None
       keeps the stored dtype. Multimodal parameters are always float32.
     text_only: Skip the vision and audio towers and their embedder
@@ -287,15 +292,30 @@ def load_params(
     variants.validate_shapes(shapes, config, source=str(checkpoint.orbax_dir))
   else:
     variants.check_is_gemma4(shapes)
-  if config is not None and config.vision is not None and not text_only:
-    variants.validate_vision_shapes(
-        variants.vision_shapes(abstract),
-        config,
-        source=str(checkpoint.orbax_dir),
+  towers = frozenset() if text_only else frozenset(('vision', 'audio'))
+  if config is not None and not text_only:
+    towers = frozenset(
+        tower
+        for tower, tower_config in (
+            ('vision', config.vision), ('audio', config.audio)
+        )
+        if tower_config is not None
     )
+    if config.vision is not None:
+      variants.validate_vision_shapes(
+          variants.vision_shapes(abstract),
+          config,
+          source=str(checkpoint.orbax_dir),
+      )
+    if config.audio is not None:
+      variants.validate_audio_shapes(
+          variants.audio_shapes(abstract),
+          config,
+          source=str(checkpoint.orbax_dir),
+      )
 
   plan = _plan_restore(
-      abstract, dtype=dtype, text_only=text_only, sharding=sharding
+      abstract, dtype=dtype, towers=towers, sharding=sharding
   )
   restored = _restore(checkpoint.orbax_dir, plan)
   params = _assemble(restored, plan)

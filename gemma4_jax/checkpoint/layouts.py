@@ -49,6 +49,7 @@ _LAYER_RE = re.compile(r'layer_(\d+)')
 _FLAT_LAYER_RE = re.compile(rf'{TEXT_PREFIX}/layer_(\d+)(/.*)?')
 _STACKED_RE = re.compile(rf'{re.escape(STACKED_PREFIX)}(\d+)(/.*)?')
 _DENSE_MLP_WEIGHTS = ('gating_einsum', 'linear')
+_CONFORMER_LAYER_RE = re.compile(r'stacked_layers_\d+')
 
 
 class Layout(enum.StrEnum):
@@ -75,11 +76,35 @@ def flatten_paths(tree: Mapping[str, Any]) -> dict[str, Any]:
   return flat
 
 
+def split_path(path: str) -> tuple[str, ...]:
+  """Split a slash-joined path into the keys of the NESTED tree.
+
+  The audio encoder names its layers `conformer/stacked_layers_{i}`: one
+  key that contains a slash, in the model and in the official NESTED
+  checkpoints. Those two parts stay one key.
+  """
+  parts = path.split('/')
+  if AUDIO_KEYS[0] not in parts:
+    return tuple(parts)
+  keys = []
+  for part in parts:
+    if (
+        keys
+        and keys[-1] == 'conformer'
+        and _CONFORMER_LAYER_RE.fullmatch(part)
+        and AUDIO_KEYS[0] in keys
+    ):
+      keys[-1] = f'conformer/{part}'
+    else:
+      keys.append(part)
+  return tuple(keys)
+
+
 def unflatten_paths(flat: Mapping[str, Any]) -> Tree:
   """Invert `flatten_paths`: build a nested dict from slash-joined paths."""
   tree: Tree = {}
   for path, leaf in flat.items():
-    _set_path(tree, tuple(path.split('/')), leaf)
+    _set_path(tree, split_path(path), leaf)
   return tree
 
 

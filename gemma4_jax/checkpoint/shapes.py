@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from gemma4_jax.config import Gemma4Config
+from gemma4_jax.audio import encoder as audio_lib
+from gemma4_jax.audio import features as audio_features
 from gemma4_jax.vision import encoder as vision_lib
 
 Shape = tuple[int, ...]
@@ -144,3 +146,28 @@ def count_params(shapes: Mapping[str, Any]) -> int:
       shape = value if isinstance(value, tuple) else value.shape
       total += math.prod(shape)
   return total
+
+
+def expected_audio_shapes(config: Gemma4Config) -> dict[str, Any]:
+  """Return the NESTED shapes of the audio parameters of `config`.
+
+  The tree has `audio_encoder` and `embedder/audio_input_projection`; it is
+  empty when `config.audio` is None.
+  """
+  audio = config.audio
+  if audio is None:
+    return {}
+  waveforms = jax.ShapeDtypeStruct((1, audio_features.MIN_SAMPLES), jnp.float32)
+  lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+  encoder = jax.eval_shape(
+      audio_lib.AudioEncoder(audio).init, jax.random.key(0), waveforms,
+      lengths,
+  )['params']
+  return {
+      'audio_encoder': jax.tree.map(lambda leaf: tuple(leaf.shape), encoder),
+      'embedder': {
+          'audio_input_projection': _weight(
+              audio.soft_token_dim, config.embed_dim
+          )
+      },
+  }

@@ -23,6 +23,7 @@ from gemma4_jax.checkpoint.errors import (
     UnsupportedCheckpointError,
 )
 from gemma4_jax.checkpoint.shapes import (
+    expected_audio_shapes,
     expected_param_shapes,
     expected_vision_shapes,
 )
@@ -518,14 +519,24 @@ def validate_shapes(
   )
 
 
-def vision_shapes(tree: Mapping[str, Any]) -> ShapeMap:
-  """Return the shapes of the vision parameters of a tree in any layout."""
+def tower_shapes(tree: Mapping[str, Any], tower: str) -> ShapeMap:
+  """Return the shapes of one tower's parameters ('vision' or 'audio')."""
   _, multimodal = layouts.split_multimodal(layouts.to_nested(tree))
   return {
       path: shape
       for path, shape in shape_map(multimodal).items()
-      if path.startswith(('vision_encoder/', 'embedder/mm_'))
+      if layouts.multimodal_tower(path) == tower
   }
+
+
+def vision_shapes(tree: Mapping[str, Any]) -> ShapeMap:
+  """Return the shapes of the vision parameters of a tree in any layout."""
+  return tower_shapes(tree, 'vision')
+
+
+def audio_shapes(tree: Mapping[str, Any]) -> ShapeMap:
+  """Return the shapes of the audio parameters of a tree in any layout."""
+  return tower_shapes(tree, 'audio')
 
 
 def validate_vision_shapes(
@@ -538,23 +549,51 @@ def validate_vision_shapes(
     config: A config with a vision encoder.
     source: The checkpoint path or a description, for the message.
   """
-  expected = shape_map(expected_vision_shapes(config))
-  comparison = compare_shapes(shapes, expected)
+  _validate_tower_shapes(
+      shapes, expected_vision_shapes(config), config, 'vision', source
+  )
+
+
+def validate_audio_shapes(
+    shapes: ShapeMap, config: Gemma4Config, *, source: str
+) -> None:
+  """Raise `CheckpointMismatchError` unless the audio shapes fit `config`.
+
+  Args:
+    shapes: Audio shapes of the checkpoint (see `audio_shapes`).
+    config: A config with an audio encoder.
+    source: The checkpoint path or a description, for the message.
+  """
+  _validate_tower_shapes(
+      shapes, expected_audio_shapes(config), config, 'audio', source
+  )
+
+
+def _validate_tower_shapes(
+    shapes: ShapeMap,
+    expected_tree: Mapping[str, Any],
+    config: Gemma4Config,
+    tower: str,
+    source: str,
+) -> None:
+  comparison = compare_shapes(shapes, shape_map(expected_tree))
   if comparison.matches:
     return
   if not shapes:
     fix = (
-        'The checkpoint has no vision tower: load it with text_only=True and'
-        ' a text-only config.'
+        f'The checkpoint has no {tower} tower: load it with text_only=True'
+        f' and a config without the {tower} tower.'
     )
   else:
-    fix = 'Pass the vision config of the checkpoint, or check the path.'
+    fix = f'Pass the {tower} config of the checkpoint, or check the path.'
   raise CheckpointMismatchError(
-      f'the vision tower of checkpoint {source} does not fit config'
+      f'the {tower} tower of checkpoint {source} does not fit config'
       f' {config.name!r} ({len(comparison.wrong_shapes)} wrong shapes,'
       f' {len(comparison.missing)} missing keys,'
       f' {len(comparison.unexpected)} unexpected keys):\n  '
-      + '\n  '.join(comparison.describe(f'the vision config of {config.name}'))
+      + '\n  '.join(
+          comparison.describe(f'the {tower} config of {config.name}')
+      )
       + f'\n{fix}',
       missing=comparison.missing,
       unexpected=comparison.unexpected,

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_jax.audio import features as audio_features
+from gemma4_jax.audio import merge as audio_merge
 from gemma4_jax.sampling.cache import KVCache, init_cache
 from gemma4_jax.transformer import Transformer
 from gemma4_jax.vision import merge as merge_lib
@@ -105,11 +107,13 @@ class StepFunctions:
 def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
   """Compile the prefill, extend and decode steps of `model`.
 
-  - `prefill(params, tokens [B, T], input_mask [B, T], cache, images=None)`
+  - `prefill(params, tokens [B, T], input_mask [B, T], cache, images=None,
+    audio=None)`
     fills an empty cache with right-padded prompts and returns (logits
     [B, V] of each row's last token, cache). `images` is (patches,
     positions_xy) of the images whose placeholders are in `tokens` (see
-    `Transformer.cached`).
+    `Transformer.cached`). `audio` is (waveforms, lengths, soft-token
+    counts) of the clips whose placeholders are in `tokens`.
   - `extend(params, tokens, input_mask, cache)` does the same for a chunk that
     continues a filled cache (the next turn of a chat).
   - `decode(params, tokens [B], active [B], cache, rng)` feeds one token per
@@ -118,7 +122,7 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
   The cache argument is donated: its buffers are reused for the result.
   """
 
-  def run(params, tokens, input_mask, cache, mode, images=None):
+  def run(params, tokens, input_mask, cache, mode, images=None, audio=None):
     return model.apply(
         {'params': params},
         tokens,
@@ -127,6 +131,7 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
         mode=mode,
         last_only=True,
         images=images,
+        audio=audio,
         method=Transformer.cached,
     )
 
@@ -285,6 +290,7 @@ class Sampler:
       add_bos: bool | None = None,
       images: Sequence[Sequence[preprocess_lib.ImageLike]] | None = None,
       image_budget: int = preprocess_lib.DEFAULT_SOFT_TOKEN_BUDGET,
+      audio: Sequence[Sequence[audio_features.AudioLike]] | None = None,
   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens [B], active [B]) after each step; see `generate`."""
     return self._run(
@@ -299,6 +305,7 @@ class Sampler:
         add_bos=add_bos,
         images=images,
         image_budget=image_budget,
+        audio=audio,
     )
 
   def generate(
@@ -315,6 +322,7 @@ class Sampler:
       add_bos: bool | None = None,
       images: Sequence[Sequence[preprocess_lib.ImageLike]] | None = None,
       image_budget: int = preprocess_lib.DEFAULT_SOFT_TOKEN_BUDGET,
+      audio: Sequence[Sequence[audio_features.AudioLike]] | None = None,
   ) -> Generation:
     """Generate up to `max_new_tokens` tokens for each prompt.
 
@@ -339,6 +347,11 @@ class Sampler:
         model with a vision encoder and a tokenizer.
       image_budget: Soft tokens per image at most (70, 140, 280, 560 or
         1120); images keep their aspect ratio within it.
+      audio: Per prompt, its audio clips (paths, 16 kHz arrays or
+        (samples, sample_rate) pairs) in the order of its `<|audio|>` marks,
+        one clip per mark. Each mark becomes the clip's soft tokens (one per
+        40 ms) framed by `<|audio>` and `<audio|>`. Needs a model with an
+        audio encoder (E2B, E4B) and a tokenizer.
 
     Returns:
       The generated tokens, texts and the state for a next turn.
@@ -355,6 +368,7 @@ class Sampler:
           add_bos=add_bos,
         images=images,
         image_budget=image_budget,
+        audio=audio,
       )
     rows: list[list[int]] | None = None
     state_out = None
@@ -370,6 +384,7 @@ class Sampler:
         add_bos=add_bos,
         images=images,
         image_budget=image_budget,
+        audio=audio,
     )
     for tokens, active in steps:
       if rows is None:
@@ -385,7 +400,7 @@ class Sampler:
 
   def _generate_fused(
       self, prompts, *, max_new_tokens, sampling, seed, stop_ids,
-      cache_length, state, add_bos, images, image_budget,
+      cache_length, state, add_bos, images, image_budget, audio,
   ) -> Generation:
     """`generate` without stop strings: the whole decode is one compiled loop."""
     logits, cache, stop_ids, steps = self._start(
@@ -399,6 +414,7 @@ class Sampler:
         add_bos=add_bos,
         images=images,
         image_budget=image_budget,
+        audio=audio,
     )
     rng, step_rng = jax.random.split(jax.random.key(seed))
     first = sample_tokens(logits, step_rng, sampling)
@@ -429,6 +445,7 @@ class Sampler:
       add_bos,
       images,
       image_budget,
+      audio,
   ) -> tuple[Any, KVCache, tuple[int, ...], StepFunctions]:
     """Encode, check lengths, prefill; return (logits, cache, stop ids, steps)."""
     if isinstance(prompts, str):
@@ -449,6 +466,11 @@ class Sampler:
             jnp.asarray(image_batch.patches),
             jnp.asarray(image_batch.positions_xy),
         )
+    audio_arrays = None
+    if audio is not None:
+      encoded, audio_batch = self._expand_audio(encoded, audio)
+      if audio_batch is not None:
+        audio_arrays = tuple(jnp.asarray(a) for a in audio_batch.arrays())
     if state is not None:
       if state.cache.batch_size != batch:
         raise ValueError(
@@ -495,6 +517,7 @@ class Sampler:
           jnp.asarray(input_mask),
           cache,
           images=image_arrays,
+          audio=audio_arrays,
       )
     else:
       logits, cache = steps.extend(
@@ -503,6 +526,7 @@ class Sampler:
           jnp.asarray(input_mask),
           state.cache,
           images=image_arrays,
+          audio=audio_arrays,
       )
 
     stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
@@ -566,6 +590,62 @@ class Sampler:
     ]
     return [row.tolist() for row in rows], batch
 
+  def _expand_audio(
+      self,
+      encoded: list[list[int]],
+      audio: Sequence[Sequence[audio_features.AudioLike]],
+  ) -> tuple[list[list[int]], audio_features.AudioBatch | None]:
+    """Load the clips and expand each row's audio marks.
+
+    Returns:
+      The expanded token rows, and the clips of all rows in order (None
+      when no row has one).
+    """
+    if self.model.config.audio is None:
+      raise ValueError(
+          f'audio was given but model config {self.model.config.name!r} has'
+          ' no audio encoder (only E2B and E4B have one); build it with'
+          ' config.with_audio(config)'
+      )
+    if self.tokenizer is None:
+      raise ValueError(
+          'audio needs a tokenizer to find the audio marks; pass tokenizer='
+          ' to Sampler'
+      )
+    if isinstance(audio, (str, bytes)) or len(audio) != len(encoded):
+      raise ValueError(
+          f'audio must hold one list of clips per prompt ({len(encoded)}'
+          ' prompts); pass [] for a prompt without audio'
+      )
+    ids = {
+        'audio_token': self.tokenizer.piece_id('<|audio|>'),
+        'start_of_audio': self.tokenizer.piece_id('<|audio>'),
+        'end_of_audio': self.tokenizer.piece_id('<audio|>'),
+    }
+    flat_clips = []
+    for row, (tokens, row_clips) in enumerate(zip(encoded, audio)):
+      marks = tokens.count(ids['audio_token'])
+      if marks != len(row_clips):
+        raise ValueError(
+            f'prompt {row} has {marks} `<|audio|>` marks but'
+            f' {len(row_clips)} audio clips; put one mark where each clip goes'
+        )
+      flat_clips.extend(row_clips)
+    if not flat_clips:
+      return encoded, None
+
+    batch = audio_features.prepare_audio(flat_clips)
+    rows = []
+    start = 0
+    for tokens, row_clips in zip(encoded, audio):
+      counts = batch.soft_token_counts[start : start + len(row_clips)]
+      start += len(row_clips)
+      expanded = audio_merge.expand_audio_placeholders(
+          np.array([tokens], np.int32), [counts], **ids
+      )
+      rows.append(expanded[0].tolist())
+    return rows, batch
+
   def _run(
       self,
       prompts,
@@ -580,6 +660,7 @@ class Sampler:
       add_bos,
       images,
       image_budget,
+      audio,
   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     logits, cache, stop_ids, steps = self._start(
         prompts,
@@ -592,6 +673,7 @@ class Sampler:
         add_bos=add_bos,
         images=images,
         image_budget=image_budget,
+        audio=audio,
     )
     batch = logits.shape[0]
     rng = jax.random.key(seed)

@@ -26,8 +26,11 @@ from gemma4_jax.text import tools as tools_lib
 from gemma4_jax.text.tokenizer import THINKING_PIECES, TOOL_PIECES, Tokenizer
 
 BOS_TEXT = '<bos>'
-# The mark a prompt contains where an image goes. The sampler expands it.
+# The marks a prompt contains where an image or an audio clip goes. The
+# sampler expands them.
 IMAGE_MARK = '<|image|>'
+AUDIO_MARK = '<|audio|>'
+_MEDIA_MARKS = {'image': IMAGE_MARK, 'audio': AUDIO_MARK}
 # The prompt suffix that the 26B-A4B and 31B templates add when thinking is
 # off: an empty, closed thought. The E2B and E4B templates do not add it.
 EMPTY_THOUGHT = '<|channel>thought\n<channel|>'
@@ -68,19 +71,37 @@ def content_text(message: Message) -> str:
   raise ValueError(f'message content must be a string, got {type(content).__name__}')
 
 
-def _is_image_part(item: Any) -> bool:
-  return isinstance(item, Mapping) and item.get('type') == 'image'
+def _is_media_part(item: Any) -> bool:
+  return isinstance(item, Mapping) and item.get('type') in _MEDIA_MARKS
 
 
-def _image_of(item: Mapping[str, Any]) -> Any:
-  """Return the image of an image part: its `image` value, else its `path`."""
-  image = item.get('image', item.get('path'))
-  if image is None:
-    raise ValueError(
-        f'image part {item!r} has no image; pass {{"type": "image", "image":'
-        ' PATH_OR_PIL_IMAGE_OR_ARRAY}'
+def _media_of(item: Mapping[str, Any]) -> Any:
+  """Return the medium of a part: its `image` or `audio` value, else `path`."""
+  kind = item['type']
+  medium = item.get(kind, item.get('path'))
+  if medium is None:
+    example = (
+        'PATH_OR_PIL_IMAGE_OR_ARRAY' if kind == 'image'
+        else 'PATH_OR_16KHZ_ARRAY_OR_(ARRAY, SAMPLE_RATE)'
     )
-  return image
+    raise ValueError(
+        f'{kind} part {item!r} has no {kind}; pass {{"type": "{kind}",'
+        f' "{kind}": {example}}}'
+    )
+  return medium
+
+
+def _message_media(messages: Sequence[Message], kind: str) -> list[Any]:
+  media = []
+  for message in messages:
+    content = message.get('content')
+    if isinstance(content, Sequence) and not isinstance(content, str):
+      media.extend(
+          _media_of(item)
+          for item in content
+          if isinstance(item, Mapping) and item.get('type') == kind
+      )
+  return media
 
 
 def message_images(messages: Sequence[Message]) -> list[Any]:
@@ -90,16 +111,22 @@ def message_images(messages: Sequence[Message]) -> list[Any]:
   is a file path, a PIL image or an array. `format_chat` writes `<|image|>`
   for each part; pass these images, in this order, to `Sampler.generate`.
   """
-  images = []
-  for message in messages:
-    content = message.get('content')
-    if isinstance(content, Sequence) and not isinstance(content, str):
-      images.extend(_image_of(item) for item in content if _is_image_part(item))
-  return images
+  return _message_media(messages, 'image')
+
+
+def message_audio(messages: Sequence[Message]) -> list[Any]:
+  """Collect the clips of all audio parts of `messages`, in prompt order.
+
+  An audio part is `{'type': 'audio', 'audio': X}` (or `'path': X`), where X
+  is a file path, a 16 kHz array or a (samples, sample_rate) pair.
+  `format_chat` writes `<|audio|>` for each part; pass these clips, in this
+  order, to `Sampler.generate(audio=...)`.
+  """
+  return _message_media(messages, 'audio')
 
 
 def _turn_text(message: Message, role: str) -> str:
-  """Render the text of a turn, with `<|image|>` for each image part.
+  """Render the text of a turn, with a mark for each image or audio part.
 
   Like the official template, each text part is trimmed (model turns: its
   thinking stripped) on its own, and the parts are joined without a space.
@@ -108,22 +135,23 @@ def _turn_text(message: Message, role: str) -> str:
   if not isinstance(content, Sequence) or isinstance(content, str):
     text = content_text(message)
     return strip_thinking(text) if role == 'model' else text.strip()
-  if not any(_is_image_part(item) for item in content):
+  if not any(_is_media_part(item) for item in content):
     text = content_text(message)
     return strip_thinking(text) if role == 'model' else text.strip()
   parts = []
   for item in content:
-    if _is_image_part(item):
-      _image_of(item)
-      parts.append(IMAGE_MARK)
+    if _is_media_part(item):
+      _media_of(item)
+      parts.append(_MEDIA_MARKS[item['type']])
     elif isinstance(item, Mapping) and item.get('type') == 'text':
       text = item.get('text', '')
       parts.append(strip_thinking(text) if role == 'model' else text.strip())
     else:
       raise ValueError(
           f'content item {item!r} is not supported: use text parts'
-          " ({'type': 'text', 'text': ...}) and image parts"
-          " ({'type': 'image', 'image': ...})"
+          " ({'type': 'text', 'text': ...}), image parts"
+          " ({'type': 'image', 'image': ...}) and audio parts"
+          " ({'type': 'audio', 'audio': ...})"
       )
   return ''.join(parts)
 
@@ -187,7 +215,7 @@ def format_chat(
 
   Args:
     messages: Dicts with `role` (system, developer, user, model, assistant,
-      tool), `content` (text, a list of text and image parts, or for tool
+      tool), `content` (text, a list of text, image and audio parts, or for tool
       messages also a mapping; see `message_images`),
       optionally `tool_calls`, and for a tool message `name` or
       `tool_call_id`. A model message's `reasoning` (or

@@ -210,6 +210,29 @@ def chunked_cross_entropy(
   return loss, metrics
 
 
+# Per-row media arrays of a training batch, and what the model takes them as.
+# Padding images have all patch positions -1 and padding clips a count of 0:
+# neither adds soft tokens.
+IMAGE_KEYS = ('image_patches', 'image_positions')  # [B, I, L, 768], [B, I, L, 2]
+AUDIO_KEYS = ('audio_waveforms', 'audio_lengths', 'audio_counts')  # [B, C, S], [B, C], [B, C]
+MEDIA_KEYS = IMAGE_KEYS + AUDIO_KEYS
+
+
+def _media_inputs(batch: dict[str, jax.Array]) -> dict[str, Any]:
+  """Model keyword arguments for the media of `batch`, rows flattened."""
+
+  def rows_flattened(key):
+    value = jnp.asarray(batch[key])
+    return value.reshape(-1, *value.shape[2:])
+
+  inputs = {}
+  if IMAGE_KEYS[0] in batch:
+    inputs['images'] = tuple(rows_flattened(key) for key in IMAGE_KEYS)
+  if AUDIO_KEYS[0] in batch:
+    inputs['audio'] = tuple(rows_flattened(key) for key in AUDIO_KEYS)
+  return inputs
+
+
 def model_loss(
     model: Transformer,
     params: Any,
@@ -227,7 +250,10 @@ def model_loss(
     params: The decoder's parameter tree (the contents of `{'params': ...}`).
     batch: Arrays [B, L] `tokens`, `targets`, `loss_weights`, `positions`
       and `segment_ids` (0 marks padding), as
-      `gemma4_jax.training.data` yields them.
+      `gemma4_jax.training.data` yields them. A batch with media also
+      holds each row's images (`IMAGE_KEYS`) or clips (`AUDIO_KEYS`), in
+      the order of the row's placeholder runs. Targets that are soft-token
+      placeholders (negative ids) never count: their weight is zero.
     chunk_size: Positions per loss chunk.
     rngs: PRNG streams passed to `model.apply`.
     load_balancing_weight: Weight of the MoE router load-balancing loss
@@ -254,7 +280,13 @@ def model_loss(
       return_hidden_states=True,
       rngs=rngs,
       mutable=['intermediates'] if with_balance else False,
+      **_media_inputs(batch),
   )
+  # A soft-token placeholder is no token of the vocabulary to predict.
+  targets = jnp.asarray(batch['targets'])
+  is_placeholder = targets < 0
+  targets = jnp.where(is_placeholder, 0, targets)
+  loss_weights = jnp.where(is_placeholder, 0.0, batch['loss_weights'])
   if with_balance:
     output, state = output
     per_layer = [
@@ -270,8 +302,8 @@ def model_loss(
   loss, metrics = chunked_cross_entropy(
       output.hidden_states,
       params['embedder']['input_embedding'],
-      batch['targets'],
-      batch['loss_weights'],
+      targets,
+      loss_weights,
       final_logit_softcap=model.config.final_logit_softcap,
       chunk_size=chunk_size,
   )

@@ -29,6 +29,18 @@ LoRA fine-tuning uses the same step with `make_train_step(..., lora=...)`:
 The state then contains only the float32 adapters and their AdamW moments.
 The frozen base parameters are a separate argument, already in the model's
 `dtype` and not donated, so they are neither copied to float32 nor updated.
+
+Multimodal models: the vision and audio towers (and their embedder
+projections) are frozen by default. `split_towers` takes them out of the
+trainable tree, and they are passed to the full fine-tuning step as its
+third argument, so they have no AdamW moments:
+
+    trainable, towers = split_towers(params)
+    state = init_train_state(trainable, config, jax.random.key(0))
+    state, metrics = train_step(state, batch, towers)
+
+For LoRA they stay in `base_params`. Tower parameters always compute in
+float32. A batch with media carries them per row (see `model_loss`).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemma4_jax.checkpoint import layouts
 from gemma4_jax.training import lora as lora_lib
 from gemma4_jax.training import loss as loss_lib
 from gemma4_jax.transformer import Transformer
@@ -54,6 +67,7 @@ _NO_DECAY_NAMES = frozenset(
 _EMBEDDING_NAMES = frozenset({'input_embedding', 'per_layer_embeddings'})
 
 _BATCH_KEYS = ('tokens', 'targets', 'loss_weights', 'positions', 'segment_ids')
+_MEDIA_KEYS = loss_lib.MEDIA_KEYS
 # Metrics of `loss_lib.model_loss` that the step adds up over micro-batches.
 _SUMMED_METRICS = ('loss_sum', 'weight_sum', 'num_tokens')
 
@@ -185,12 +199,30 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def _cast_floating(tree: Any, dtype: Any) -> Any:
-  def cast(x):
+  """Cast the floating leaves of `tree` to `dtype`, except tower parameters.
+
+  The vision and audio towers and their projections stay float32.
+  """
+
+  def cast(path, x):
+    names = tuple(getattr(key, 'key', str(key)) for key in path)
+    if layouts.is_multimodal_path(names):
+      return x
     if jnp.issubdtype(jnp.result_type(x), jnp.floating):
       return jnp.asarray(x, dtype)
     return x
 
-  return jax.tree.map(cast, tree)
+  return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def split_towers(params: Any) -> tuple[Any, Any]:
+  """Split a parameter tree into (decoder, vision and audio towers).
+
+  The towers part contains `vision_encoder`, `audio_encoder` and the embedder's
+  `mm_*` and `audio_*` projections; it is `{}` for a text-only tree. Train
+  the first part and pass the second to the step as frozen parameters.
+  """
+  return layouts.split_multimodal(params)
 
 
 def init_train_state(
@@ -220,6 +252,8 @@ def _split_microbatches(
       raise ValueError(
           f'batch is missing {key!r}; a batch needs {", ".join(_BATCH_KEYS)}'
       )
+  # Media arrays are per row too ([B, images or clips, ...]).
+  for key in (*_BATCH_KEYS, *(k for k in batch if k in _MEDIA_KEYS)):
     value = jnp.asarray(batch[key])
     rows = value.shape[0]
     if rows % num_microbatches:
@@ -236,6 +270,9 @@ def _split_microbatches(
 def _check_base_dtypes(base_params: Any, dtype: Any) -> None:
   """Raise unless every floating leaf of `base_params` is in `dtype`."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(base_params):
+    names = tuple(getattr(key, 'key', str(key)) for key in path)
+    if layouts.is_multimodal_path(names):
+      continue  # Towers stay float32.
     leaf_dtype = jnp.result_type(leaf)
     if jnp.issubdtype(leaf_dtype, jnp.floating) and leaf_dtype != dtype:
       raise ValueError(
@@ -348,8 +385,11 @@ def make_train_step(
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Build the jitted step of full fine-tuning or of LoRA.
 
-  Without `lora` the step is `(state, batch) -> (new_state, metrics)` and
-  `state.params` are the float32 master parameters. With `lora` it is
+  Without `lora` the step is `(state, batch, towers=None) -> (new_state,
+  metrics)` and `state.params` are the float32 master parameters. `towers`
+  are frozen parameters (the vision and audio towers of `split_towers`),
+  merged into the tree the model runs on but neither differentiated nor
+  updated. With `lora` it is
   `(state, batch, base_params) -> (new_state, metrics)`: `state.params` are
   the float32 adapters, and `base_params` are the frozen decoder parameters
   in `model.dtype` (a ValueError otherwise). Each micro-batch then runs the
@@ -409,15 +449,18 @@ def make_train_step(
   if lora is None:
 
     def full_loss(params, micro_batch, rng, frozen):
-      del frozen
+      if frozen:
+        params = layouts.merge_trees(params, frozen)
       return run_loss(params, micro_batch, rng)
 
     step = _accumulating_step(
         full_loss, config, averaged_metrics, compute_dtype=model.dtype
     )
 
-    def full_step(state: TrainState, batch: dict[str, Any]):
-      return step(state, batch, None)
+    def full_step(
+        state: TrainState, batch: dict[str, Any], towers: Any = None
+    ):
+      return step(state, batch, towers)
 
     if mesh is not None:
       return _sharded(full_step, mesh, rules)
