@@ -1,7 +1,7 @@
 """Fine-tuning steps with images and audio in the batch.
 
 A small E2B-like model with a vision tower and an audio tower trains on a
-batch of two rows: row 0 holds an image and a clip, row 1 a clip only.
+batch of two rows: row 0 has an image and a clip, row 1 a clip only.
 Media travel per row, padded with empty images and clips. The step's loss
 must equal the cross-entropy of the official model's logits over the
 targets that are not soft-token placeholders, the towers must get no AdamW
@@ -187,7 +187,8 @@ def test_step_loss_matches_official_and_towers_stay_frozen():
   trainable, towers = step_lib.split_towers(params)
   # The step donates the state, which would delete the cached parameters.
   trainable = jax.tree.map(jnp.array, trainable)
-  assert 'vision_encoder' in towers and 'audio_encoder' in towers
+  assert 'vision_encoder' in towers
+  assert 'audio_encoder' in towers
   assert set(towers['embedder']) == {'mm_input_projection', 'audio_input_projection'}
   state = step_lib.init_train_state(trainable, OPTIMIZER, jax.random.key(0))
   # No AdamW moment (nor any other optimizer leaf) belongs to a tower.
@@ -268,5 +269,5 @@ def test_frozen_tower_tree_has_all_tower_params():
             OPTIMIZER, jax.random.key(0),
         ),
         media_batch()[0],
-        params,  # float32 decoder weights: the step asks for bfloat16
+        params,  # float32 decoder weights, where the step expects bfloat16
     )

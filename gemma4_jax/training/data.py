@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from gemma4_jax.text.tokenizer import Tokenizer
+from gemma4_jax.training import media as media_lib
 from gemma4_jax.training import packing as packing_lib
 from gemma4_jax.training import records as records_lib
 
@@ -69,6 +70,7 @@ class DataConfig:
   drop_remainder: bool
   num_packing_bins: int
   num_records: int
+  media: media_lib.MediaConfig | None = None
 
 
 class LengthStats:
@@ -112,7 +114,12 @@ def _fit_length(
   """Truncate or drop an example longer than `seq_len`; None drops it."""
   stats.seen += 1
   if len(example['tokens']) > seq_len:
-    if overlong == packing_lib.DROP:
+    # Cutting into the media's placeholders would leave an image or clip
+    # without all its soft tokens, so such an example is dropped.
+    cuts_media = np.any(example['tokens'][seq_len:] < 0) or np.any(
+        example['targets'][seq_len - 1 :] < 0
+    )
+    if overlong == packing_lib.DROP or cuts_media:
       stats.count_dropped_overlong()
       return None
     example = packing_lib.truncate_example(example, seq_len)
@@ -214,6 +221,7 @@ def batch_examples(
     drop_remainder: bool = False,
     num_packing_bins: int | None = None,
     stats: LengthStats | None = None,
+    features: tuple[str, ...] = packing_lib.SEQUENCE_FEATURES,
 ) -> grain.IterDataset:
   """Turn next-token examples into batches (steps 5 to 7 of the module doc).
 
@@ -230,6 +238,7 @@ def batch_examples(
       waste less padding but mix examples from further apart. Defaults to
       `batch_size`.
     stats: Receives the truncation and drop counts.
+    features: The per-position features of each example.
 
   Returns:
     A dataset of batch dicts [B, L].
@@ -243,7 +252,10 @@ def batch_examples(
   rows = examples.to_iter_dataset().map(fit).filter(lambda example: example is not None)
   if packing:
     rows = packing_lib.pack_examples(
-        rows, seq_len=seq_len, num_packing_bins=num_packing_bins or batch_size
+        rows,
+        seq_len=seq_len,
+        num_packing_bins=num_packing_bins or batch_size,
+        features=features,
     )
   else:
     rows = rows.map(functools.partial(packing_lib.pad_example, seq_len=seq_len))
@@ -272,6 +284,7 @@ def make_dataset(
     overlong: str = packing_lib.TRUNCATE,
     drop_remainder: bool = False,
     num_packing_bins: int | None = None,
+    media: media_lib.MediaConfig | None = None,
 ) -> TrainingDataset:
   """Build the batch pipeline over JSONL training files.
 
@@ -294,6 +307,9 @@ def make_dataset(
     drop_remainder: Drop a last partial batch instead of padding it.
     num_packing_bins: Rows filled at once when packing; defaults to
       `batch_size`.
+    media: Read the image and audio parts of conversations (see
+      `training.media`); each batch then also holds the media arrays of its
+      rows. Without it, media parts are rejected.
 
   Returns:
     A `TrainingDataset`; `iter()` on it gives a `BatchIterator`.
@@ -316,13 +332,30 @@ def make_dataset(
       'read %d examples from %s; shard %d of %d', len(records), path, shard_index, shard_count
   )
 
-  examples = grain.MapDataset.source(records)[shard_index::shard_count]
+  features = packing_lib.SEQUENCE_FEATURES
+  if media is None:
+    examples = grain.MapDataset.source(records)[shard_index::shard_count]
+  else:
+    # Record indices travel with the tokens, so that packed rows can find
+    # the media of their examples.
+    features += (media_lib.EXAMPLE_IDS,)
+    examples = grain.MapDataset.range(len(records))[shard_index::shard_count]
   if shuffle:
     examples = examples.shuffle(seed=seed)
   examples = examples.repeat(num_epochs)
-  examples = examples.map(
-      lambda record: packing_lib.next_token_example(*records_lib.encode_record(record, tokenizer))
-  )
+  if media is None:
+    examples = examples.map(
+        lambda record: packing_lib.next_token_example(
+            *_encode_text_only(record, tokenizer)
+        )
+    )
+  else:
+    examples = examples.map(
+        functools.partial(
+            _encode_with_media, records=records, tokenizer=tokenizer,
+            media=media,
+        )
+    )
 
   config = DataConfig(
       seq_len=seq_len,
@@ -337,6 +370,7 @@ def make_dataset(
       drop_remainder=drop_remainder,
       num_packing_bins=(num_packing_bins or batch_size) if packing else 0,
       num_records=len(records),
+      media=media,
   )
   stats = LengthStats(seq_len)
   batches = batch_examples(
@@ -348,5 +382,54 @@ def make_dataset(
       drop_remainder=drop_remainder,
       num_packing_bins=num_packing_bins,
       stats=stats,
+      features=features,
   )
+  if media is not None:
+    batches = batches.map(
+        functools.partial(media_lib.attach_media, records=records, config=media)
+    )
   return TrainingDataset(batches, config, stats)
+
+
+def _encode_text_only(
+    record: records_lib.Record, tokenizer: Tokenizer
+) -> tuple[np.ndarray, np.ndarray]:
+  ids, weights = records_lib.encode_record(record, tokenizer)
+  marks = [
+      mark
+      for mark in (
+          tokenizer.special.image_placeholder,
+          tokenizer.special.audio_placeholder,
+      )
+      if mark is not None
+  ]
+  if record.kind == records_lib.CHAT and np.isin(ids, marks).any():
+    raise records_lib.DataFormatError(
+        f'{record.location}: the example has image or audio parts; pass'
+        ' media=MediaConfig(...) to make_dataset to train with them'
+    )
+  return ids, weights
+
+
+def _encode_with_media(
+    index: int,
+    *,
+    records: Sequence[records_lib.Record],
+    tokenizer: Tokenizer,
+    media: media_lib.MediaConfig,
+) -> dict[str, np.ndarray]:
+  record = records[index]
+  ids, weights = records_lib.encode_record(record, tokenizer)
+  try:
+    ids, weights = media_lib.encode_media(
+        record.data, record.path, ids, weights, tokenizer, media
+    )
+  except (OSError, ValueError) as error:
+    raise records_lib.DataFormatError(
+        f'{record.location}: {error}'
+    ) from error
+  example = packing_lib.next_token_example(ids, weights)
+  example[media_lib.EXAMPLE_IDS] = np.full(
+      len(example['tokens']), index + 1, np.int32
+  )
+  return example

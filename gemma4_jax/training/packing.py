@@ -16,6 +16,7 @@ A row [L] holds one example (padding mode) or several (packing mode):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grain
@@ -55,8 +56,7 @@ def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.nd
   if length > seq_len:
     raise ValueError(f'example of length {length} does not fit a row of {seq_len}; truncate it first')
   row = {}
-  for name in SEQUENCE_FEATURES:
-    value = example[name]
+  for name, value in example.items():
     row[name] = np.zeros((seq_len,), value.dtype)
     row[name][:length] = value
   row['segment_ids'] = np.zeros((seq_len,), np.int32)
@@ -66,18 +66,24 @@ def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.nd
   return row
 
 
-def _rename_packed_row(packed: dict[str, Any]) -> dict[str, np.ndarray]:
+def _rename_packed_row(
+    packed: dict[str, Any], features: tuple[str, ...] = SEQUENCE_FEATURES
+) -> dict[str, np.ndarray]:
   # Grain gives each packed feature its own `{name}_segment_ids` and
   # `{name}_positions`. The features of one example have equal lengths, so
   # those of `tokens` serve for all.
-  row = {name: packed[name] for name in SEQUENCE_FEATURES}
+  row = {name: packed[name] for name in features}
   row['segment_ids'] = packed['tokens_segment_ids'].astype(np.int32)
   row['positions'] = packed['tokens_positions'].astype(np.int32)
   return row
 
 
 def pack_examples(
-    examples: grain.IterDataset, *, seq_len: int, num_packing_bins: int
+    examples: grain.IterDataset,
+    *,
+    seq_len: int,
+    num_packing_bins: int,
+    features: tuple[str, ...] = SEQUENCE_FEATURES,
 ) -> grain.IterDataset:
   """Pack next-token examples of length <= `seq_len` into rows [seq_len].
 
@@ -85,12 +91,13 @@ def pack_examples(
   input order, each going to the first row with room, and the rows are
   emitted in order once an example fits none. The iterator state of the
   result restores the exact rows (grain replays from the parent state at
-  the start of the current set of bins).
+  the start of the current set of bins). `features` are the per-position
+  features of each example.
   """
   packed = grain.experimental.FirstFitPackIterDataset(
       examples,
-      length_struct={name: seq_len for name in SEQUENCE_FEATURES},
+      length_struct={name: seq_len for name in features},
       num_packing_bins=num_packing_bins,
       shuffle_bins=False,
   )
-  return packed.map(_rename_packed_row)
+  return packed.map(functools.partial(_rename_packed_row, features=features))
