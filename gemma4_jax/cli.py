@@ -295,7 +295,101 @@ def _add_chat(subparsers) -> None:
   parser.set_defaults(handler=_run_generation_command)
 
 
-_SUBCOMMANDS = (_add_inspect, _add_fetch_tokenizer, _add_generate, _add_chat)
+def _run_plan(args: argparse.Namespace) -> int:
+  # Imported here so that `gemma4-jax --help` does not wait for JAX.
+  from gemma4_jax.parallel import plan as plan_lib
+
+  try:
+    plan = plan_lib.plan_memory(
+        args.model,
+        args.mesh,
+        batch=args.batch,
+        length=args.length,
+        lora_rank=args.lora,
+        remat=args.remat,
+        dtype=args.dtype,
+        num_microbatches=args.microbatches,
+        chip=args.chip,
+    )
+  except ValueError as error:
+    print(f'gemma4-jax plan: error: {error}', file=sys.stderr)
+    return 1
+  print(plan_lib.format_plan(plan))
+  return 0
+
+
+def _add_plan(subparsers) -> None:
+  parser = subparsers.add_parser(
+      'plan',
+      help='estimate per-device memory of a sharded train step',
+      description=(
+          'Print the per-device bytes of parameters, optimizer state,'
+          ' gradients, activations and the KV cache of a train step on a'
+          ' mesh, and whether they fit the memory of a chip. Builds no'
+          ' model and needs no accelerator; activations are an estimate.'
+      ),
+  )
+  parser.add_argument(
+      '--model', required=True, help='preset name: e2b, e4b, 26b_a4b or 31b'
+  )
+  parser.add_argument(
+      '--mesh',
+      required=True,
+      help=(
+          'mesh axis sizes, such as tensor=8,fsdp=4 (axes: data, fsdp,'
+          ' expert, tensor); their product is the number of chips'
+      ),
+  )
+  parser.add_argument(
+      '--batch', type=int, required=True, help='global rows per step'
+  )
+  parser.add_argument(
+      '--length', type=int, required=True,
+      help='tokens per row, also the KV cache length',
+  )
+  parser.add_argument(
+      '--lora',
+      type=int,
+      nargs='?',
+      const=16,
+      default=None,
+      metavar='RANK',
+      help='plan LoRA fine-tuning with adapters of this rank (default 16)'
+      ' instead of full fine-tuning',
+  )
+  parser.add_argument(
+      '--remat',
+      default='none',
+      help=(
+          'what the backward pass recomputes: none, dots (keep weight'
+          ' matmul outputs) or full (keep block inputs only); default none'
+      ),
+  )
+  parser.add_argument(
+      '--chip',
+      default=None,
+      help='check the plan against one chip: v5e, v5p, v6e, h100 or h200',
+  )
+  parser.add_argument(
+      '--dtype',
+      default='bfloat16',
+      help=(
+          'compute dtype, bfloat16 or float32 (default bfloat16). Master'
+          ' parameters and AdamW moments are float32 either way'
+      ),
+  )
+  parser.add_argument(
+      '--microbatches',
+      type=int,
+      default=1,
+      help='micro-batches per step, run one after another (default 1)',
+  )
+  parser.set_defaults(handler=_run_plan)
+
+
+_SUBCOMMANDS = (
+    _add_inspect, _add_fetch_tokenizer, _add_generate, _add_chat, _add_plan
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,16 +2,21 @@
 
 Each token goes to its top-k experts only. Tokens are sorted by expert and
 the experts run as grouped (ragged) matmuls, so the cost is that of k expert
-MLPs per token, not of all E.
+MLPs per token, not of all E. With `implementation='all_to_all'` each device
+has a share of the experts and tokens travel to them
+(`gemma4_jax.parallel.expert`).
 """
 
 from __future__ import annotations
+
+import functools
 
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
 from gemma4_jax import layers
+from gemma4_jax.parallel import expert as expert_parallel
 
 
 class Weight(nn.Module):
@@ -102,7 +107,8 @@ def _tiled_expert_mlp(
 
   Args:
     sorted_rows: [R, D] rows grouped by expert, in expert order.
-    sorted_experts: [R] expert id of each row (non-decreasing).
+    sorted_experts: [R] expert id of each row (non-decreasing); E marks an
+      empty row, which is skipped and gets a zero output.
     group_sizes: [E] rows per expert.
     gating: [E, 2, F, D].
     linear: [E, F, D].
@@ -120,11 +126,16 @@ def _tiled_expert_mlp(
   padded_ends = jnp.cumsum(tiles_per_expert) * tile
   padded_starts = padded_ends - tiles_per_expert * tile
   starts = jnp.cumsum(group_sizes) - group_sizes
-  rank_in_group = jnp.arange(num_rows) - starts[sorted_experts]
-  padded_index = padded_starts[sorted_experts] + rank_in_group  # [R]
+  row_experts = jnp.minimum(sorted_experts, num_experts - 1)
+  rank_in_group = jnp.arange(num_rows) - starts[row_experts]
+  padded_index = padded_starts[row_experts] + rank_in_group  # [R]
+  # Empty rows point past the padded rows: not written, read back as zero.
+  padded_index = jnp.where(
+      sorted_experts < num_experts, padded_index, max_tiles * tile
+  )
 
   padded = jnp.zeros((max_tiles * tile, embed_dim), sorted_rows.dtype)
-  padded = padded.at[padded_index].set(sorted_rows)
+  padded = padded.at[padded_index].set(sorted_rows, mode='drop')
   padded = padded.reshape(max_tiles, tile, embed_dim)
 
   tile_starts = jnp.arange(max_tiles) * tile
@@ -143,7 +154,8 @@ def _tiled_expert_mlp(
     return jax.lax.cond(used, compute, jnp.zeros_like, rows)
 
   out = jax.lax.map(run_tile, (padded, tile_experts, tile_used))
-  return out.reshape(max_tiles * tile, embed_dim)[padded_index]
+  out = out.reshape(max_tiles * tile, embed_dim)
+  return out.at[padded_index].get(mode='fill', fill_value=0)
 
 
 def _ragged_expert_mlp(
@@ -178,7 +190,8 @@ def grouped_expert_mlp(
 
   Args:
     tokens: [M, D].
-    experts: [M, k] expert ids chosen for each token.
+    experts: [M, k] expert ids chosen for each token. An id equal to E
+      marks an empty assignment: it is skipped and its output is zero.
     gating: [E, 2, F, D] gate and up projections of every expert.
     linear: [E, F, D] down projections.
     implementation: 'ragged' (`jax.lax.ragged_dot`), 'tiled' (a loop over
@@ -192,7 +205,7 @@ def grouped_expert_mlp(
   if implementation not in ('ragged', 'tiled'):
     raise ValueError(
         f"unknown MoE implementation {implementation!r}; use 'auto',"
-        " 'ragged' or 'tiled'"
+        " 'ragged' or 'tiled' (the MoE block also accepts 'all_to_all')"
     )
 
   num_tokens, k = experts.shape
@@ -200,11 +213,15 @@ def grouped_expert_mlp(
   flat_experts = experts.reshape(-1)  # [M * k], token-major
   order = jnp.argsort(flat_experts, stable=True)
   sorted_rows = tokens[order // k]  # [M * k, D], grouped by expert
-  group_sizes = jnp.bincount(flat_experts, length=num_experts)
-  group_sizes = group_sizes.astype(jnp.int32)
+  # Counted with mode='drop' so that empty assignments (id E) count nowhere.
+  group_sizes = jnp.zeros((num_experts,), jnp.int32)
+  group_sizes = group_sizes.at[flat_experts].add(1, mode='drop')
 
   if implementation == 'ragged':
     sorted_out = _ragged_expert_mlp(sorted_rows, group_sizes, gating, linear)
+    # Empty assignments sort last, past every group.
+    is_assigned = flat_experts[order] < num_experts
+    sorted_out = jnp.where(is_assigned[:, None], sorted_out, 0)
   else:
     sorted_out = _tiled_expert_mlp(
         sorted_rows, flat_experts[order], group_sizes, gating, linear
@@ -219,6 +236,18 @@ class MoE(nn.Module):
 
   Parameters (released names): `router_logits/w` [D, E], `router_scale` [D],
   `gating_einsum/w` [E, 2, F, D], `linear/w` [E, F, D], `per_expert_scale` [E].
+
+  Attributes:
+    implementation: 'auto', 'ragged' or 'tiled' (see `grouped_expert_mlp`),
+      or 'all_to_all': expert parallelism over the expert axes of the mesh
+      set by `jax.set_mesh` (see `gemma4_jax.parallel.expert`), with the
+      'auto' grouped MLP on each device. Without an expert axis of size > 1,
+      'all_to_all' runs the 'auto' path on one device.
+    capacity_factor: Used by 'all_to_all' only. None exchanges buffers that
+      never overflow. A number c sizes them at c times their mean load, and
+      the assignments that do not fit are dropped. The block sows the count
+      of dropped assignments as `intermediates/dropped_assignments` and logs
+      a WARNING in every step that drops any.
   """
 
   embed_dim: int
@@ -227,6 +256,7 @@ class MoE(nn.Module):
   experts_per_token: int
   dtype: jnp.dtype = jnp.float32
   implementation: str = 'auto'
+  capacity_factor: float | None = None
 
   def setup(self):
     d, f, e = self.embed_dim, self.hidden_dim, self.num_experts
@@ -254,6 +284,28 @@ class MoE(nn.Module):
     )
     router_in = router_in * self.router_scale.astype(router_in.dtype)
     router_logits = self.router_logits('MD,DE->ME', router_in)
+
+    if self.implementation == 'all_to_all':
+      # Each device routes its own tokens inside the exchange.
+      combined, experts, dropped = expert_parallel.expert_parallel_mlp(
+          tokens,
+          router_logits,
+          self.gating_einsum(),
+          self.linear(),
+          self.per_expert_scale,
+          router=functools.partial(route, experts_per_token=k),
+          experts_per_token=k,
+          expert_mlp=grouped_expert_mlp,
+          capacity_factor=self.capacity_factor,
+      )  # [M, D] float32, [M, k]
+      self.sow(
+          'intermediates',
+          'load_balancing_loss',
+          load_balancing_loss(router_logits, experts, self.num_experts),
+      )
+      self.sow('intermediates', 'dropped_assignments', dropped)
+      return combined.astype(x.dtype).reshape(*lead_shape, self.embed_dim)
+
     weights, experts = route(router_logits, k)  # [M, k]
     self.sow(
         'intermediates',

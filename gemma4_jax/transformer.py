@@ -145,6 +145,7 @@ class Block(nn.Module):
   layer: int
   dtype: jnp.dtype = jnp.float32
   moe_implementation: str = 'auto'
+  moe_capacity_factor: float | None = None
 
   def setup(self):
     cfg = self.config
@@ -165,6 +166,7 @@ class Block(nn.Module):
           experts_per_token=cfg.experts_per_token,
           dtype=self.dtype,
           implementation=self.moe_implementation,
+          capacity_factor=self.moe_capacity_factor,
       )
       self.post_ffw1_norm = norm()
       # The always-on dense branch (the "shared expert").
@@ -297,7 +299,12 @@ class Transformer(nn.Module):
     pad_id: Token id treated as padding when no `input_mask` is given.
     moe_implementation: How MoE blocks run their experts: 'ragged'
       (`jax.lax.ragged_dot`, for GPU and TPU), 'tiled' (a loop over expert
-      tiles, for CPU) or 'auto' (by the default backend).
+      tiles, for CPU), 'auto' (by the default backend) or 'all_to_all'
+      (expert parallelism with all-to-all over the expert axis of the mesh
+      set by `jax.set_mesh`; see `gemma4_jax.parallel.expert`).
+    moe_capacity_factor: Used by 'all_to_all' only. None exchanges token
+      buffers that never overflow. A number c sizes them at c times their
+      mean load and drops, counts and logs the assignments that do not fit.
     remat: What the backward pass of `__call__` keeps of each block's
       forward pass (see `REMAT_POLICIES`): 'none' keeps everything, 'dots'
       keeps only the outputs of weight matmuls and recomputes the rest,
@@ -309,6 +316,7 @@ class Transformer(nn.Module):
   dtype: Any = jnp.bfloat16
   pad_id: int = 0
   moe_implementation: str = 'auto'
+  moe_capacity_factor: float | None = None
   remat: str = 'none'
 
   def setup(self):
@@ -327,6 +335,7 @@ class Transformer(nn.Module):
             i,
             dtype=self.dtype,
             moe_implementation=self.moe_implementation,
+            moe_capacity_factor=self.moe_capacity_factor,
             name=f'layer_{i}',
         )
         for i in range(cfg.num_layers)

@@ -8,6 +8,7 @@ tokens or stop strings, and keeps the cache between chat turns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -104,7 +105,13 @@ class StepFunctions:
   decode_loop: Callable[..., Any] = flax.struct.field(pytree_node=False)
 
 
-def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
+def make_steps(
+    model: Transformer,
+    sampling: SamplingParams = GREEDY,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+):
   """Compile the prefill, extend and decode steps of `model`.
 
   - `prefill(params, tokens [B, T], input_mask [B, T], cache, images=None,
@@ -120,10 +127,27 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
     active row and returns (next tokens [B], logits [B, V], cache).
 
   The cache argument is donated: its buffers are reused for the result.
+
+  With `mesh`, every step returns its cache with the shardings of
+  `parallel.placement.cache_shardings` (rows over the `batch` axes, KV heads
+  over `kv_heads`), so the cache keeps its layout from step to step; the
+  parameters and inputs come placed by `Sampler`.
   """
+  constrain_cache = lambda cache: cache  # pylint: disable=unnecessary-lambda-assignment
+  if mesh is not None:
+    # Imported here: single-device sampling does not need the parallel code.
+    from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
+    from gemma4_jax.parallel import rules as rules_lib  # pylint: disable=g-import-not-at-top
+
+    rules = rules_lib.DEFAULT_RULES if rules is None else rules
+
+    def constrain_cache(cache):
+      return jax.lax.with_sharding_constraint(
+          cache, placement.cache_shardings(cache, mesh, rules)
+      )
 
   def run(params, tokens, input_mask, cache, mode, images=None, audio=None):
-    return model.apply(
+    logits, cache = model.apply(
         {'params': params},
         tokens,
         cache,
@@ -134,6 +158,7 @@ def make_steps(model: Transformer, sampling: SamplingParams = GREEDY):
         audio=audio,
         method=Transformer.cached,
     )
+    return logits, constrain_cache(cache)
 
   prefill = jax.jit(
       functools.partial(run, mode='fresh'), donate_argnames=('cache',)
@@ -227,6 +252,12 @@ class Sampler:
     tokenizer: A `gemma4_jax.text.Tokenizer`; needed for text prompts, stop
       strings, decoded texts and the default stop tokens.
     cache_dtype: Dtype of the cache; defaults to the model's dtype.
+    mesh: Run sharded on this mesh (`parallel.mesh.make_mesh`): the
+      parameters are placed once by the logical-axis `rules` (default
+      `parallel.rules.DEFAULT_RULES`), prompt rows and the KV cache are
+      split over the `batch` axes, and KV heads over `kv_heads` where they
+      divide.
+    rules: Logical-axis rules for `mesh`.
   """
 
   def __init__(
@@ -235,12 +266,47 @@ class Sampler:
       params: Any,
       tokenizer: Any = None,
       cache_dtype: Any = None,
+      *,
+      mesh: jax.sharding.Mesh | None = None,
+      rules: Any = None,
   ):
     self.model = model
-    self.params = params
     self.tokenizer = tokenizer
     self.cache_dtype = cache_dtype or model.dtype
+    self.mesh = mesh
+    self.rules = rules
     self._steps: dict[SamplingParams, StepFunctions] = {}
+    if mesh is not None:
+      from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
+      from gemma4_jax.parallel import rules as rules_lib  # pylint: disable=g-import-not-at-top
+
+      self.rules = rules_lib.DEFAULT_RULES if rules is None else rules
+      params = jax.device_put(
+          params, placement.tree_shardings(params, mesh, self.rules)
+      )
+    self.params = params
+
+  def _place_rows(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """Put arrays with leading batch axis on the device(s)."""
+    if self.mesh is None:
+      return tuple(jnp.asarray(a) for a in arrays)
+    from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
+
+    shardings = placement.batch_shardings(
+        {str(i): a for i, a in enumerate(arrays)}, self.mesh, self.rules
+    )
+    return tuple(
+        jax.device_put(a, shardings[str(i)]) for i, a in enumerate(arrays)
+    )
+
+  def _place_cache(self, cache: KVCache) -> KVCache:
+    if self.mesh is None:
+      return cache
+    from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
+
+    return jax.device_put(
+        cache, placement.cache_shardings(cache, self.mesh, self.rules)
+    )
 
   @property
   def last_state(self) -> GenerationState | None:
@@ -249,7 +315,9 @@ class Sampler:
 
   def steps(self, sampling: SamplingParams) -> StepFunctions:
     if sampling not in self._steps:
-      self._steps[sampling] = make_steps(self.model, sampling)
+      self._steps[sampling] = make_steps(
+          self.model, sampling, mesh=self.mesh, rules=self.rules
+      )
     return self._steps[sampling]
 
   def default_stop_ids(self) -> tuple[int, ...]:
@@ -418,9 +486,10 @@ class Sampler:
     )
     rng, step_rng = jax.random.split(jax.random.key(seed))
     first = sample_tokens(logits, step_rng, sampling)
-    out, cache = steps.decode_loop(
-        self.params, first, cache, rng, max_new_tokens, stop_ids
-    )
+    with self._mesh_context():
+      out, cache = steps.decode_loop(
+          self.params, first, cache, rng, max_new_tokens, stop_ids
+      )
     out = np.asarray(out)
 
     rows = [[int(t) for t in row if t >= 0] for row in out]
@@ -507,14 +576,33 @@ class Sampler:
       input_mask[row, : len(ids)] = True
 
     steps = self.steps(sampling)
+    tokens, input_mask = self._place_rows(tokens, input_mask)
+    with self._mesh_context():
+      logits, cache = self._prefill(
+          steps, tokens, input_mask, batch, cache_length, state,
+          image_arrays, audio_arrays,
+      )
+    stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
+    return logits, cache, stop_ids, steps
+
+  def _mesh_context(self):
+    """Set the sampler's mesh while steps trace and run (a no-op without)."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return jax.set_mesh(self.mesh)
+
+  def _prefill(
+      self, steps, tokens, input_mask, batch, cache_length, state,
+      image_arrays, audio_arrays,
+  ):
     if state is None:
-      cache = init_cache(
-          self.model.config, batch, cache_length, self.cache_dtype
+      cache = self._place_cache(
+          init_cache(self.model.config, batch, cache_length, self.cache_dtype)
       )
       logits, cache = steps.prefill(
           self.params,
-          jnp.asarray(tokens),
-          jnp.asarray(input_mask),
+          tokens,
+          input_mask,
           cache,
           images=image_arrays,
           audio=audio_arrays,
@@ -522,15 +610,13 @@ class Sampler:
     else:
       logits, cache = steps.extend(
           self.params,
-          jnp.asarray(tokens),
-          jnp.asarray(input_mask),
+          tokens,
+          input_mask,
           state.cache,
           images=image_arrays,
           audio=audio_arrays,
       )
-
-    stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
-    return logits, cache, stop_ids, steps
+    return logits, cache
 
   def _expand_images(
       self,
@@ -698,13 +784,14 @@ class Sampler:
       if not active.any() or step == max_new_tokens - 1:
         break
       rng, step_rng = jax.random.split(rng)
-      new_tokens, _, cache = steps.decode(
-          self.params,
-          jnp.asarray(next_tokens),
-          jnp.asarray(feed),
-          cache,
-          step_rng,
-      )
+      with self._mesh_context():
+        new_tokens, _, cache = steps.decode(
+            self.params,
+            jnp.asarray(next_tokens),
+            jnp.asarray(feed),
+            cache,
+            step_rng,
+        )
       next_tokens = np.where(active, np.asarray(new_tokens), 0)
 
     # Each row's last token (a stop token or the last of max_new_tokens) was

@@ -516,6 +516,9 @@ def _sharded(step_fn: Callable[..., Any], mesh, rules) -> Callable[..., Any]:
       )
     fn, in_shardings = compiled[key]
     args = jax.device_put((state, batch) + base, in_shardings)
-    return fn(*args)
+    # The mesh is also set while the step traces, for code that needs it by
+    # name (the expert-parallel MoE's `shard_map`).
+    with jax.set_mesh(mesh):
+      return fn(*args)
 
   return call
