@@ -75,7 +75,7 @@ def main() -> None:
   images = sample_images(args.images)
   print(
       f'vision tower of {args.family}: width {cfg.embed_dim}, {cfg.num_layers}'
-      f' layers, {cfg.num_heads} heads, float32; {args.images} images per'
+      f' layers, {cfg.num_heads} heads, float32; {args.images} image(s) per'
       f' batch; backend {jax.default_backend()}, {jax.device_count()}'
       ' device(s)'
   )
