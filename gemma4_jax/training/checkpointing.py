@@ -16,6 +16,11 @@ and renames it when complete, so a run killed during a save leaves the
 previous checkpoint as the latest one. Saves are asynchronous by default:
 `save` returns once the arrays are copied off the device, and the files are
 written in the background while training goes on.
+
+In a multi-process run every process calls `save` and `restore` at the same
+step. Each process writes and reads only the array shards its devices hold,
+and process 0 alone writes the JSON data position, which every process
+reads.
 """
 
 from __future__ import annotations
@@ -37,6 +42,31 @@ def _state_tree(state: TrainState) -> dict[str, Any]:
       'opt_state': state.opt_state,
       'step': state.step,
       'rng': jax.random.key_data(state.rng),
+  }
+
+
+def _restore_target(abstract_state: TrainState) -> dict[str, Any]:
+  """Return the `_state_tree` of `abstract_state` as shape structs.
+
+  Each struct keeps its leaf's sharding (None when the leaf has none), so
+  Orbax reads every array straight into its place on the mesh, and each
+  process reads only the shards its devices hold.
+  """
+
+  def struct(leaf):
+    return jax.ShapeDtypeStruct(
+        leaf.shape, leaf.dtype, sharding=getattr(leaf, 'sharding', None)
+    )
+
+  rng = jax.eval_shape(jax.random.key_data, abstract_state.rng)
+  return {
+      'params': jax.tree.map(struct, abstract_state.params),
+      'opt_state': jax.tree.map(struct, abstract_state.opt_state),
+      'step': struct(abstract_state.step),
+      'rng': jax.ShapeDtypeStruct(
+          rng.shape, rng.dtype,
+          sharding=getattr(abstract_state.rng, 'sharding', None),
+      ),
   }
 
 
@@ -116,13 +146,14 @@ class TrainCheckpointer:
       step: A step from `all_steps()`.
       abstract_state: A `TrainState` of `jax.ShapeDtypeStruct` (from
         `jax.eval_shape`) or of arrays, giving the tree, shapes, dtypes and
-        shardings to restore into.
+        shardings to restore into. Leaves without a sharding are restored
+        by Orbax's default placement, which needs a single process.
 
     Raises:
       ValueError: the checkpoint's arrays do not fit `abstract_state` (a
         different model, or LoRA settings, than the run that saved it).
     """
-    target = jax.eval_shape(_state_tree, abstract_state)
+    target = _restore_target(abstract_state)
     try:
       restored = self._manager.restore(
           step,

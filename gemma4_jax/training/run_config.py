@@ -30,7 +30,11 @@ Fields:
   data.train / data.eval: JSONL files (or directories, globs, comma lists);
     eval '' skips the evaluations.
   data.source: 'auto', 'chat', 'text' or 'prompt_response'.
-  data.seq_len / data.batch_size: Row length and rows per batch per process.
+  data.seq_len / data.batch_size: Row length, and rows per batch over all
+    processes (the global batch).
+  data.num_shards: Data shards that fill equal parts of every batch (0: one
+    per process). The batches depend on it and not on the number of
+    processes, so resume a run with the value it started with.
   data.packing: Pack several examples per row; else pad each to a row.
   data.overlong: 'truncate' or 'drop' examples longer than seq_len.
   optimizer.*: `gemma4_jax.training.step.OptimizerConfig`;
@@ -50,6 +54,13 @@ Fields:
   export.layout: Layout of the exported model ('nested', 'flat', 'stacked';
     '' skips the export).
   export.dtype: Dtype of the exported parameters.
+  mesh.shape: Device mesh over all processes' devices, for example
+    'data=2,fsdp=2,tensor=2' (axes data, fsdp, expert, tensor; sizes multiply
+    to the device count); '' runs on one device of a single process.
+  mesh.rules: Overrides of the logical-axis rules
+    (`gemma4_jax.parallel.rules.DEFAULT_RULES`), for example
+    'batch=data+fsdp,mlp=tensor'; a name with nothing after '=' is
+    replicated.
   stop_after_steps: End this invocation after this step (0: run to
     `optimizer.total_steps`); a later invocation continues the schedule.
   demo: '' or 'tool_calling': generate the tool-calling demo's data and
@@ -91,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.batch_size = 8
   config.data.packing = True
   config.data.overlong = 'truncate'
+  config.data.num_shards = 0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-5
@@ -128,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.export = ml_collections.ConfigDict()
   config.export.layout = 'nested'
   config.export.dtype = 'bfloat16'
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = ''
+  config.mesh.rules = ''
 
   config.stop_after_steps = 0
   config.demo = ''

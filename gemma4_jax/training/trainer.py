@@ -22,6 +22,13 @@
    adapters on their own (`workdir/export/adapters`), and score greedy
    generations on held-out conversations (`workdir/generation.jsonl`).
 
+With `mesh.shape` set, the run is sharded over the devices of all processes
+(`gemma4_jax.parallel.distributed` starts the processes' runtime). Each
+process then reads only the data shards its devices hold, the parameters
+are initialised, loaded or restored straight into their shards, every
+process writes its shards of each checkpoint, and only process 0 writes
+`metrics.jsonl`, TensorBoard files and `run.json`.
+
 A SIGTERM (how TPU VMs and Vertex AI announce preemption) ends the loop
 after the current step, saves a checkpoint of that step, and returns with
 `preempted=True`. Running the same configuration again resumes from the
@@ -52,9 +59,13 @@ from gemma4_jax import checkpoint as checkpoint_lib
 from gemma4_jax import config as config_lib
 from gemma4_jax import evaluation
 from gemma4_jax import generation_cli
+from gemma4_jax.parallel import mesh as mesh_lib
+from gemma4_jax.parallel import placement
+from gemma4_jax.parallel import rules as rules_lib
 from gemma4_jax.text.tokenizer import Tokenizer
 from gemma4_jax.training import checkpointing
 from gemma4_jax.training import data as data_lib
+from gemma4_jax.training import global_batches
 from gemma4_jax.training import lora as lora_lib
 from gemma4_jax.training import metrics as metrics_lib
 from gemma4_jax.training import step as step_lib
@@ -222,6 +233,71 @@ def optimizer_config(run: ml_collections.ConfigDict) -> step_lib.OptimizerConfig
   return step_lib.OptimizerConfig(**fields)
 
 
+def parse_rules(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Return the default rules with the overrides 'batch=data+fsdp,mlp=tensor'.
+
+  A logical name with nothing after '=' is replicated.
+  """
+  overrides = {}
+  for item in text.split(','):
+    item = item.strip()
+    if not item:
+      continue
+    name, sep, axes_text = item.partition('=')
+    name = name.strip()
+    if not sep or not name:
+      raise ValueError(
+          f'invalid rule {item!r} in mesh.rules={text!r}; write'
+          ' NAME=AXIS+AXIS, for example batch=data+fsdp'
+      )
+    axes = tuple(a.strip() for a in axes_text.split('+') if a.strip())
+    unknown = [a for a in axes if a not in mesh_lib.MESH_AXES]
+    if unknown:
+      raise ValueError(
+          f'rule {item!r} in mesh.rules names unknown mesh axes {unknown};'
+          f' the axes are {", ".join(mesh_lib.MESH_AXES)}'
+      )
+    overrides[name] = axes
+  return rules_lib.rules_from_mapping(overrides)
+
+
+def run_mesh(
+    run: ml_collections.ConfigDict,
+) -> tuple[jax.sharding.Mesh | None, tuple[tuple[str, tuple[str, ...]], ...]]:
+  """Return the run's mesh over all processes' devices (None: one device)."""
+  rules = parse_rules(run.mesh.rules)
+  if not run.mesh.shape:
+    if jax.process_count() > 1:
+      raise ValueError(
+          f'mesh.shape is empty, but this run has {jax.process_count()}'
+          f' processes with {jax.device_count()} devices; set'
+          f' --config.mesh.shape, for example fsdp={jax.device_count()}'
+      )
+    return None, rules
+  mesh = mesh_lib.make_mesh(run.mesh.shape)
+  logging.info(
+      'mesh %s over %d devices of %d processes',
+      ','.join(f'{axis}={size}' for axis, size in mesh.shape.items()),
+      mesh.size, jax.process_count(),
+  )
+  return mesh, rules
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract, shardings,
+  )
+
+
+def _count_tokens(segment_ids: Any) -> Any:
+  """Count the non-padding positions of a batch, on the host or the devices."""
+  if isinstance(segment_ids, np.ndarray):
+    return float(np.sum(segment_ids != 0))
+  # A global array: the sum is a replicated scalar, read at the next log.
+  return jnp.sum(segment_ids != 0, dtype=jnp.float32)
+
+
 def _cast_floating(tree: Any, dtype: Any) -> Any:
   def cast(x):
     if jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -252,9 +328,16 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
     raise ValueError(
         'data.train is empty; set --config.data.train=/path/to/train.jsonl'
     )
+  if jax.process_count() > 1 and run.data.eval and run.eval.generation_examples:
+    raise NotImplementedError(
+        'scoring generations (eval.generation_examples) runs on one process'
+        f' only, but this run has {jax.process_count()}; set'
+        ' --config.eval.generation_examples=0'
+    )
   workdir = Path(run.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
+  mesh, rules = run_mesh(run)
 
   tok_path = tokenizer_path(run)
   tokenizer = Tokenizer(tok_path)
@@ -271,24 +354,48 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   if is_chief:
     _write_run_info(workdir, run, cfg)
 
-  dataset = data_lib.make_dataset(
-      run.data.train,
-      tokenizer,
-      seq_len=run.data.seq_len,
-      batch_size=run.data.batch_size,
-      seed=run.seed,
-      packing=run.data.packing,
-      source=run.data.source,
-      overlong=run.data.overlong,
-  )
-  batches = iter(dataset)
+  # Every batch is made of `num_shards` equal parts, one per data shard.
+  # Each process reads only the shards whose rows its devices hold.
+  num_shards = run.data.num_shards or jax.process_count()
 
-  # The starting parameters: a checkpoint, or a random initialisation.
-  def initial_params():
-    if run.init_checkpoint:
-      return checkpoint_lib.load_params(
-          run.init_checkpoint, config=cfg, dtype=jnp.float32
-      )
+  def make_shard(index: int) -> data_lib.TrainingDataset:
+    return data_lib.make_dataset(
+        run.data.train,
+        tokenizer,
+        seq_len=run.data.seq_len,
+        batch_size=run.data.batch_size // num_shards,
+        seed=run.seed,
+        packing=run.data.packing,
+        source=run.data.source,
+        overlong=run.data.overlong,
+        shard_index=index,
+        shard_count=num_shards,
+    )
+
+  batch_sharding = None
+  if mesh is not None:
+    batch_sharding = placement.batch_shardings(
+        jax.ShapeDtypeStruct(
+            (run.data.batch_size, run.data.seq_len), jnp.int32
+        ),
+        mesh, rules,
+    )
+  batches = global_batches.GlobalBatches(
+      make_shard,
+      batch_size=run.data.batch_size,
+      seq_len=run.data.seq_len,
+      num_shards=num_shards,
+      sharding=batch_sharding,
+  )
+  logging.info(
+      'process %d reads data shards %s of %d (%d rows each)',
+      jax.process_index(), batches.local_shards, num_shards,
+      run.data.batch_size // num_shards,
+  )
+
+  # The starting parameters: a checkpoint, or a random initialisation. On a
+  # mesh both are created in their shards, never whole on one device.
+  def random_params():
     init_model = Transformer(config=cfg, dtype=jnp.float32)
     params = init_model.init(
         jax.random.key(run.seed), jnp.ones((1, 8), jnp.int32)
@@ -302,6 +409,22 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
       )
     return params
 
+  param_shardings = None
+  if mesh is not None:
+    param_shardings = placement.tree_shardings(
+        jax.eval_shape(random_params), mesh, rules
+    )
+
+  def initial_params():
+    if run.init_checkpoint:
+      return checkpoint_lib.load_params(
+          run.init_checkpoint, config=cfg, dtype=jnp.float32,
+          sharding=param_shardings,
+      )
+    if mesh is None:
+      return random_params()
+    return jax.jit(random_params, out_shardings=param_shardings)()
+
   state_rng = jax.random.fold_in(jax.random.key(run.seed), 1)
   adapter_rng = jax.random.fold_in(jax.random.key(run.seed), 2)
 
@@ -314,6 +437,22 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
     base = _cast_floating(params, compute_dtype)
     return step_lib.init_train_state(adapters, opt_config, state_rng), base
 
+  def sharded_state(params, abstract_state):
+    """`initial_state(params)`, created in the shardings of `abstract_state`."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+    state = jax.jit(
+        lambda p: initial_state(p)[0],
+        out_shardings=shardings,
+        # Full fine-tuning copies `params` into the state; LoRA keeps them.
+        donate_argnums=() if lora_config else 0,
+    )(params)
+    if lora_config is None:
+      return state, None
+    return state, jax.jit(
+        lambda p: _cast_floating(p, compute_dtype),
+        out_shardings=param_shardings,
+    )(params)
+
   checkpointer = checkpointing.TrainCheckpointer(
       workdir / CHECKPOINT_DIR,
       max_to_keep=run.checkpoint.max_to_keep or None,
@@ -321,19 +460,19 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   )
   start_time = time.perf_counter()
   params = initial_params() if (run.init_checkpoint or lora_config) else None
+  abstract_state = jax.eval_shape(
+      lambda p: initial_state(p)[0],
+      jax.eval_shape(random_params) if params is None else params,
+  )
+  if mesh is not None:
+    abstract_state = _with_shardings(
+        abstract_state, placement.tree_shardings(abstract_state, mesh, rules)
+    )
   latest = checkpointer.latest_step()
   if latest is not None:
-    if params is None:
-      abstract_params = jax.eval_shape(initial_params)
-      abstract_state = jax.eval_shape(
-          lambda p: initial_state(p)[0], abstract_params
-      )
-      base_params = None
-    else:
-      abstract_state = jax.eval_shape(lambda p: initial_state(p)[0], params)
-      base_params = (
-          None if lora_config is None else _cast_floating(params, compute_dtype)
-      )
+    base_params = None
+    if params is not None and lora_config is not None:
+      base_params = _cast_floating(params, compute_dtype)
     state, data_state = checkpointer.restore(latest, abstract_state)
     batches.set_state(data_state)
     logging.info(
@@ -343,7 +482,10 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   else:
     if params is None:
       params = initial_params()
-    state, base_params = initial_state(params)
+    if mesh is None:
+      state, base_params = initial_state(params)
+    else:
+      state, base_params = sharded_state(params, abstract_state)
     logging.info(
         'initialised %s from %s (%.1f s)',
         cfg.name, run.init_checkpoint or f'random, seed {run.seed}',
@@ -366,6 +508,8 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
       lora=lora_config,
       loss_chunk_size=run.loss_chunk_size,
       load_balancing_weight=run.model.load_balancing_weight,
+      mesh=mesh,
+      rules=rules,
   )
 
   def run_step(state, batch):
@@ -425,13 +569,13 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
       batch = next(batches)
       state, metrics = run_step(state, batch)
       step += 1
-      interval_tokens += float(np.sum(batch['segment_ids'] != 0))
+      interval_tokens += _count_tokens(batch['segment_ids'])
       progress.update(1)
 
       if step % run.log_every_steps == 0 or step == end_step:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - interval_start
-        values['tokens_per_second'] = interval_tokens / max(elapsed, 1e-9)
+        values['tokens_per_second'] = float(interval_tokens) / max(elapsed, 1e-9)
         interval_tokens, interval_start = 0.0, time.perf_counter()
         last_metrics = {'step': step, **values}
         progress.set_postfix(
@@ -483,27 +627,31 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   result.perplexity = perplexity_result
 
   final_params = eval_params(state)
-  if run.export.layout and is_chief:
+  if run.export.layout:
     export_dir = workdir / EXPORT_DIR
-    export_dir.mkdir(exist_ok=True)
     exported = _cast_floating(
         final_params if lora_config is None
         else lora_lib.merge(base_params, state.params, lora_config),
         dtype_from_name(run.export.dtype),
     )
-    result.export_path = checkpoint_lib.save_params(
-        exported, export_dir / 'checkpoint', layout=run.export.layout,
-        overwrite=True,
-    )
+    result.export_path = _save_export(exported, export_dir, run.export.layout)
+  if run.export.layout and is_chief:
     shutil.copyfile(tok_path, export_dir / 'tokenizer.model')
     # The config lets `gemma4-jax generate --ckpt` and `eval.evaluate` run a
     # custom model, whose shapes fit no preset, without a --model flag.
     config_path = export_dir / generation_cli.MODEL_CONFIG_FILE
     config_path.with_suffix('.tmp').write_text(generation_cli.config_to_json(cfg))
     os.replace(config_path.with_suffix('.tmp'), config_path)
-    if lora_config is not None:
+    if lora_config is not None and jax.process_count() == 1:
       lora_lib.save_adapters(
           state.params, lora_config, export_dir / 'adapters', overwrite=True
+      )
+    elif lora_config is not None:
+      # NOTE: `lora.save_adapters` writes from one process only.
+      logging.warning(
+          'the LoRA adapters are not exported on their own by a run of %d'
+          ' processes; the merged model is in %s',
+          jax.process_count(), result.export_path,
       )
     logging.info('exported the %s model to %s', run.export.layout, result.export_path)
 
@@ -514,6 +662,31 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   if writer:
     writer.close()
   return result
+
+
+def _save_export(params: Any, export_dir: Path, layout: str) -> Path:
+  """Write `params` to `export_dir/checkpoint`, from every process.
+
+  Every process writes the shards its devices hold; a single process
+  replaces an earlier export in place.
+  """
+  path = export_dir / 'checkpoint'
+  if jax.process_count() == 1:
+    export_dir.mkdir(exist_ok=True)
+    return checkpoint_lib.save_params(
+        params, path, layout=layout, overwrite=True
+    )
+
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  # All processes must find the path absent, so that they all take part in
+  # one Orbax save instead of the rename that replaces a checkpoint.
+  if jax.process_index() == 0:
+    export_dir.mkdir(exist_ok=True)
+    if path.exists():
+      shutil.rmtree(path)
+  multihost_utils.sync_global_devices('gemma4_jax export: old checkpoint removed')
+  return checkpoint_lib.save_params(params, path, layout=layout)
 
 
 def score_generation(
