@@ -211,6 +211,16 @@ def test_non_image_file_rejected(tmp_path):
     preprocess.to_rgb_uint8(path)
 
 
+@pytest.mark.parametrize('suffix', ('png', 'jpeg'))
+def test_truncated_file_rejected(tmp_path, suffix):
+  path = tmp_path / f'cut.{suffix}'
+  pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  Image.fromarray(pixels).save(path)
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(ValueError, match=f'cannot read image file .*cut.{suffix}'):
+    preprocess.to_rgb_uint8(path)
+
+
 @pytest.mark.parametrize('budget', (0, 100, 281, 2240))
 def test_unsupported_budget_rejected(budget):
   with pytest.raises(ValueError, match='soft-token budget'):
