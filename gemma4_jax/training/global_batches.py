@@ -29,6 +29,9 @@ import numpy as np
 
 from gemma4_jax.parallel import distributed
 from gemma4_jax.training import data as data_lib
+from gemma4_jax.training import loss as loss_lib
+
+_MEDIA_KEYS = loss_lib.MEDIA_KEYS
 
 
 def shards_of_devices(
@@ -97,10 +100,14 @@ class GlobalBatches:
     first = local[self.local_shards[0]]
     for shard, batch in local.items():
       for key, value in batch.items():
-        if value.shape != (self._rows_per_shard, self._shape[1]):
+        # Media arrays ([rows, slots, ...]) have their own trailing shape.
+        expected = (self._rows_per_shard, self._shape[1])
+        if key in _MEDIA_KEYS:
+          expected = (self._rows_per_shard, *first[key].shape[1:])
+        if value.shape != expected:
           raise ValueError(
               f'shard {shard} yielded {key!r} of shape {value.shape}, expected'
-              f' {(self._rows_per_shard, self._shape[1])}'
+              f' {expected}'
           )
     if self._sharding is None:
       return {
@@ -109,11 +116,22 @@ class GlobalBatches:
       }
     return {
         key: jax.make_array_from_callback(
-            self._shape, self._sharding,
+            (self._shape[0], *first[key].shape[1:]),
+            self._rows_sharding(first[key].ndim),
             functools.partial(self._rows, local, key),
         )
         for key in first
     }
+
+  def _rows_sharding(self, ndim: int) -> jax.sharding.Sharding:
+    """Return the batch sharding for an array of `ndim` axes, split by rows."""
+    if ndim == 2:
+      return self._sharding
+    rows_axes = self._sharding.spec[0] if self._sharding.spec else None
+    return jax.sharding.NamedSharding(
+        self._sharding.mesh,
+        jax.sharding.PartitionSpec(rows_axes, *([None] * (ndim - 1))),
+    )
 
   def _rows(
       self, local: dict[int, dict[str, np.ndarray]], key: str, index

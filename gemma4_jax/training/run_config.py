@@ -27,6 +27,11 @@ Fields:
   model.query_norm_init: 'ones' (as the release) or 'inverse_sqrt': initial
     query-norm scales of a random initialisation (see
     `trainer.scale_query_norms`); ignored with `init_checkpoint`.
+  model.vision / model.audio: The towers of the model: '' (the preset's
+    tower when `data.media.enabled`, else none), 'none', 'preset', or
+    'field=value,...' of `VisionConfig` / `AudioConfig` for a custom tower.
+  model.train_towers: Train the towers too; by default they are frozen and
+    have no optimizer state (LoRA never adapts them).
   data.train / data.eval: JSONL files (or directories, globs, comma lists);
     eval '' skips the evaluations.
   data.source: 'auto', 'chat', 'text' or 'prompt_response'.
@@ -37,6 +42,8 @@ Fields:
     processes, so resume a run with the value it started with.
   data.packing: Pack several examples per row; else pad each to a row.
   data.overlong: 'truncate' or 'drop' examples longer than seq_len.
+  data.media.*: `enabled` reads image and audio parts of conversations;
+    the other fields are those of `gemma4_jax.training.media.MediaConfig`.
   optimizer.*: `gemma4_jax.training.step.OptimizerConfig`;
     `optimizer.total_steps` is the length of the run.
   lora.rank: 0 for full fine-tuning; above 0 trains LoRA adapters only.
@@ -93,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.moe_implementation = 'auto'
   config.model.load_balancing_weight = 0.0
   config.model.query_norm_init = 'ones'
+  config.model.vision = ''
+  config.model.audio = ''
+  config.model.train_towers = False
 
   config.data = ml_collections.ConfigDict()
   config.data.train = ''
@@ -103,6 +113,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.packing = True
   config.data.overlong = 'truncate'
   config.data.num_shards = 0
+  config.data.media = ml_collections.ConfigDict()
+  config.data.media.enabled = False
+  config.data.media.image_budget = 280
+  config.data.media.max_images_per_row = 2
+  config.data.media.max_clips_per_row = 2
+  config.data.media.max_clip_seconds = 30.0
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-5

@@ -58,6 +58,8 @@ import tqdm
 from gemma4_jax import checkpoint as checkpoint_lib
 from gemma4_jax import config as config_lib
 from gemma4_jax import evaluation
+from gemma4_jax.checkpoint import layouts
+from gemma4_jax.audio import encoder as audio_encoder
 from gemma4_jax import generation_cli
 from gemma4_jax.parallel import mesh as mesh_lib
 from gemma4_jax.parallel import placement
@@ -69,7 +71,9 @@ from gemma4_jax.training import global_batches
 from gemma4_jax.training import lora as lora_lib
 from gemma4_jax.training import metrics as metrics_lib
 from gemma4_jax.training import step as step_lib
+from gemma4_jax.training import media as media_lib
 from gemma4_jax.transformer import Transformer
+from gemma4_jax.vision import encoder as vision_encoder
 
 EXPORT_DIR = 'export'
 GENERATION_FILE = 'generation.jsonl'
@@ -195,7 +199,7 @@ def model_config(
         f' {config.name!r} only {config.vocab_size} embeddings; use the'
         ' tokenizer the model was trained with'
     )
-  return config
+  return with_towers(run, config)
 
 
 def scale_query_norms(params: Any) -> Any:
@@ -299,12 +303,60 @@ def _count_tokens(segment_ids: Any) -> Any:
 
 
 def _cast_floating(tree: Any, dtype: Any) -> Any:
-  def cast(x):
-    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      return jnp.asarray(x, dtype)
-    return x
+  """Cast floating leaves to `dtype`; vision and audio towers stay float32."""
+  return step_lib._cast_floating(tree, dtype)  # pylint: disable=protected-access
 
-  return jax.tree.map(cast, tree)
+
+def _parse_fields(text: str, config_class: type, option: str) -> Any:
+  """Build `config_class` from 'field=value,...' (ints, floats, booleans)."""
+  fields: dict[str, Any] = {}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    name, separator, value = item.partition('=')
+    if not separator:
+      raise ValueError(
+          f'{option}={text!r}: {item!r} is not field=value; write for example'
+          " 'embed_dim=32,num_layers=2'"
+      )
+    value = value.strip()
+    if value.lower() in ('true', 'false'):
+      fields[name.strip()] = value.lower() == 'true'
+      continue
+    try:
+      fields[name.strip()] = int(value)
+    except ValueError:
+      try:
+        fields[name.strip()] = float(value)
+      except ValueError:
+        fields[name.strip()] = value
+  try:
+    return config_class(**fields)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f'{option}={text!r} is invalid: {error}') from error
+
+
+def with_towers(
+    run: ml_collections.ConfigDict, config: config_lib.Gemma4Config
+) -> config_lib.Gemma4Config:
+  """Attach the vision and audio towers that `model.vision`/`audio` ask for."""
+  media = run.data.media.enabled
+  for option, spec, attach, config_class, default_available in (
+      ('model.vision', run.model.vision, config_lib.with_vision,
+       vision_encoder.VisionConfig,
+       config.name in vision_encoder.VISION_PRESETS),
+      ('model.audio', run.model.audio, config_lib.with_audio,
+       audio_encoder.AudioConfig, config.name in config_lib.AUDIO_PRESETS),
+  ):
+    spec = spec.strip()
+    if spec == 'none' or (not spec and not (media and default_available)):
+      continue
+    if spec in ('', 'preset'):
+      try:
+        config = attach(config)
+      except ValueError as error:
+        raise ValueError(f'{option}={spec!r}: {error}') from error
+    else:
+      config = attach(config, _parse_fields(spec, config_class, option))
+  return config
 
 
 def _write_run_info(workdir: Path, run: ml_collections.ConfigDict, cfg) -> None:
@@ -354,6 +406,19 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   if is_chief:
     _write_run_info(workdir, run, cfg)
 
+  media_config = None
+  if run.data.media.enabled:
+    media_config = media_lib.MediaConfig(
+        image_budget=run.data.media.image_budget,
+        max_images_per_row=run.data.media.max_images_per_row,
+        max_clips_per_row=run.data.media.max_clips_per_row,
+        max_clip_seconds=run.data.media.max_clip_seconds,
+    )
+  has_towers = cfg.vision is not None or cfg.audio is not None
+  # Full fine-tuning passes frozen towers to the step beside the state;
+  # LoRA keeps them in its frozen base parameters.
+  split_towers = has_towers and not run.model.train_towers and not lora_config
+
   # Every batch is made of `num_shards` equal parts, one per data shard.
   # Each process reads only the shards whose rows its devices hold.
   num_shards = run.data.num_shards or jax.process_count()
@@ -370,6 +435,7 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
         overlong=run.data.overlong,
         shard_index=index,
         shard_count=num_shards,
+        media=media_config,
     )
 
   batch_sharding = None
@@ -419,7 +485,7 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
     if run.init_checkpoint:
       return checkpoint_lib.load_params(
           run.init_checkpoint, config=cfg, dtype=jnp.float32,
-          sharding=param_shardings,
+          sharding=param_shardings, text_only=not has_towers,
       )
     if mesh is None:
       return random_params()
@@ -459,7 +525,14 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
       async_save=run.checkpoint.async_save,
   )
   start_time = time.perf_counter()
-  params = initial_params() if (run.init_checkpoint or lora_config) else None
+  params = None
+  if run.init_checkpoint or lora_config or split_towers:
+    params = initial_params()
+  towers = None
+  if split_towers:
+    # The towers are not in the train state, so a resumed run reads them
+    # again from the starting parameters.
+    params, towers = step_lib.split_towers(params)
   abstract_state = jax.eval_shape(
       lambda p: initial_state(p)[0],
       jax.eval_shape(random_params) if params is None else params,
@@ -513,13 +586,18 @@ def train(run: ml_collections.ConfigDict) -> RunResult:
   )
 
   def run_step(state, batch):
+    if lora_config is None and towers:
+      return train_step(state, batch, towers)
     if lora_config is None:
       return train_step(state, batch)
     return train_step(state, batch, base_params)
 
   def eval_params(state):
     if lora_config is None:
-      return _cast_floating(state.params, compute_dtype)
+      decoder = _cast_floating(state.params, compute_dtype)
+      if towers:
+        return layouts.merge_trees(decoder, towers)
+      return decoder
     return lora_lib.apply_adapters(
         base_params, state.params, lora_config, compute_dtype
     )
