@@ -243,15 +243,40 @@ def with_audio_tower(config: config_lib.Gemma4Config) -> config_lib.Gemma4Config
     ) from error
 
 
-def load_audio_clips(paths: Sequence[str]) -> list[np.ndarray]:
-  """Read the `--audio` files as 16 kHz mono float32 waveforms."""
-  clips = []
+def _load_media(paths: Sequence[str], load, flag: str) -> list[np.ndarray]:
+  """Read media files with `load`; a failure is a usage error naming `flag`."""
+  media = []
   for path in paths:
     try:
-      clips.append(audio_features.load_audio(path))
+      media.append(load(path))
     except (OSError, ValueError) as error:
-      raise CommandError(f'--audio: {error}', EXIT_USAGE) from error
-  return clips
+      raise CommandError(f'{flag}: {error}', EXIT_USAGE) from error
+  return media
+
+
+def _add_marks(
+    prompt: str, count: int, mark: str, flag: str, unit: str, placement: str
+) -> str:
+  """Put `count` marks before `prompt`, unless it has marks (one per file).
+
+  Raises:
+    CommandError: the prompt has marks, but not `count` of them.
+  """
+  marks = prompt.count(mark)
+  if marks == 0:
+    return mark * count + prompt
+  if marks != count:
+    raise CommandError(
+        f'the prompt has {marks} {mark} marks but {count} {flag} files were'
+        f' given; put one mark per {unit}, or none to {placement} before the'
+        ' text', EXIT_USAGE
+    )
+  return prompt
+
+
+def load_audio_clips(paths: Sequence[str]) -> list[np.ndarray]:
+  """Read the `--audio` files as 16 kHz mono float32 waveforms."""
+  return _load_media(paths, audio_features.load_audio, '--audio')
 
 
 def add_audio_marks(prompt: str, num_clips: int) -> str:
@@ -260,16 +285,10 @@ def add_audio_marks(prompt: str, num_clips: int) -> str:
   Raises:
     CommandError: the prompt has marks, but not one per clip.
   """
-  marks = prompt.count(chat_lib.AUDIO_MARK)
-  if marks == 0:
-    return chat_lib.AUDIO_MARK * num_clips + prompt
-  if marks != num_clips:
-    raise CommandError(
-        f'the prompt has {marks} {chat_lib.AUDIO_MARK} marks but {num_clips}'
-        ' --audio files were given; put one mark per clip, or none to play'
-        ' the clips before the text', EXIT_USAGE
-    )
-  return prompt
+  return _add_marks(
+      prompt, num_clips, chat_lib.AUDIO_MARK, '--audio', 'clip',
+      'play the clips',
+  )
 
 
 def audio_prompt_tokens(clips: Sequence[np.ndarray]) -> int:
@@ -280,13 +299,7 @@ def audio_prompt_tokens(clips: Sequence[np.ndarray]) -> int:
 
 def load_images(paths: Sequence[str]) -> list[np.ndarray]:
   """Read the `--image` files as [H, W, 3] uint8 arrays."""
-  images = []
-  for path in paths:
-    try:
-      images.append(preprocess_lib.load_image(path))
-    except (OSError, ValueError) as error:
-      raise CommandError(f'--image: {error}', EXIT_USAGE) from error
-  return images
+  return _load_media(paths, preprocess_lib.load_image, '--image')
 
 
 def add_image_marks(prompt: str, num_images: int) -> str:
@@ -295,16 +308,10 @@ def add_image_marks(prompt: str, num_images: int) -> str:
   Raises:
     CommandError: the prompt has marks, but not one per image.
   """
-  marks = prompt.count(chat_lib.IMAGE_MARK)
-  if marks == 0:
-    return chat_lib.IMAGE_MARK * num_images + prompt
-  if marks != num_images:
-    raise CommandError(
-        f'the prompt has {marks} {chat_lib.IMAGE_MARK} marks but {num_images}'
-        ' --image files were given; put one mark per image, or none to show'
-        ' the images before the text', EXIT_USAGE
-    )
-  return prompt
+  return _add_marks(
+      prompt, num_images, chat_lib.IMAGE_MARK, '--image', 'image',
+      'show the images',
+  )
 
 
 def image_prompt_tokens(images: Sequence[np.ndarray], budget: int) -> int:

@@ -24,9 +24,9 @@ RMS_NORM_EPS = 1e-6
 # step: small enough for the float32 copy to stay in the L2 cache.
 STREAM_CHUNK_BYTES = 1 << 20
 
-# How `streamed_einsum` multiplies a one-row activation. 'chunked' is a loop
-# of matrix-vector products over chunks of the weight. 'padded' is one
-# product of the row and a row of zeros. 'auto' times both once per pair of
+# The strategy of `streamed_einsum` for a one-row activation. 'chunked' is
+# a loop of matrix-vector products over chunks of the weight. 'padded' is
+# one product of the row and a row of zeros. 'auto' times both once per pair of
 # dtypes and uses the faster. The environment variable
 # GEMMA4_JAX_SINGLE_ROW_PRODUCT sets the default.
 SINGLE_ROW_PRODUCT = os.environ.get('GEMMA4_JAX_SINGLE_ROW_PRODUCT', 'auto')

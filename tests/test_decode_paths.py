@@ -191,12 +191,12 @@ def test_blocked_prefill_matches_official_forward(family, monkeypatch):
     )
 
 
-def test_auto_single_row_mode_is_timed_once_inside_a_trace(monkeypatch):
+def test_auto_mode_timed_inside_trace(monkeypatch):
   monkeypatch.setattr(layers, 'SINGLE_ROW_PRODUCT', 'auto')
   monkeypatch.setattr(layers, '_timed_single_row_modes', {})
   x = jnp.ones((1, 1, 64), jnp.bfloat16)
   w = jnp.ones((4096, 64), jnp.bfloat16)
-  # 512 KiB of weight in 1 KiB chunks: a one-row product that asks for a mode.
+  # 512 KiB of weight in 1 KiB chunks: a one-row product, which needs a mode.
   product = jax.jit(
       lambda x, w: layers.streamed_einsum('BTD,VD->BTV', x, w, chunk_bytes=1024)
   )

@@ -22,6 +22,26 @@ import numpy as np
 
 AUDIO_SOFT_TOKEN_PLACEHOLDER = -4
 
+# Pieces of the Gemma 4 tokenizer that mark and frame a clip, by the keyword
+# of `expand_audio_placeholders` that takes their id.
+AUDIO_PIECES = {
+    'audio_token': '<|audio|>',
+    'start_of_audio': '<|audio>',
+    'end_of_audio': '<audio|>',
+}
+
+
+def audio_token_ids(tokenizer) -> dict[str, int]:
+  """Return the audio pieces' ids, as keywords of `expand_audio_placeholders`.
+
+  Args:
+    tokenizer: A `gemma4_jax.text.Tokenizer`. It raises
+      `MissingSpecialTokenError` when it lacks a piece.
+  """
+  return {
+      name: tokenizer.piece_id(piece) for name, piece in AUDIO_PIECES.items()
+  }
+
 
 def expand_audio_placeholders(
     tokens: np.ndarray,

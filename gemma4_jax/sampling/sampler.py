@@ -703,11 +703,7 @@ class Sampler:
           f'audio must hold one list of clips per prompt ({len(encoded)}'
           ' prompts); pass [] for a prompt without audio'
       )
-    ids = {
-        'audio_token': self.tokenizer.piece_id('<|audio|>'),
-        'start_of_audio': self.tokenizer.piece_id('<|audio>'),
-        'end_of_audio': self.tokenizer.piece_id('<audio|>'),
-    }
+    ids = audio_merge.audio_token_ids(self.tokenizer)
     flat_clips = []
     for row, (tokens, row_clips) in enumerate(zip(encoded, audio)):
       marks = tokens.count(ids['audio_token'])

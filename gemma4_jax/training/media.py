@@ -127,11 +127,7 @@ def expand_media_marks(
   `audio.merge.expand_audio_placeholders`.
   """
   image_ids = image_merge.image_token_ids(tokenizer)
-  audio_ids = {
-      'audio_token': tokenizer.piece_id('<|audio|>'),
-      'start_of_audio': tokenizer.piece_id('<|audio>'),
-      'end_of_audio': tokenizer.piece_id('<audio|>'),
-  }
+  audio_ids = audio_merge.audio_token_ids(tokenizer)
   images, clips = iter(image_counts), iter(clip_counts)
   out_ids: list[int] = []
   out_weights: list[float] = []
