@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from gemma4_jax import layers
 from gemma4_jax.config import GLOBAL, Gemma4Config
+from gemma4_jax.parallel.rules import constrain
 from gemma4_jax.sampling.cache import LayerCache
 
 # Masked logits get a large finite negative value rather than -inf, so that a
@@ -468,6 +469,7 @@ class Attention(nn.Module):
   ) -> jax.Array:
     """Normalised, rotated queries [B, T, N, H] of `x` [B, T, D]."""
     q = self.q_einsum('BTD,NDH->BTNH', x, streamed)
+    q = constrain(q, ('batch', 'length', 'heads', None))
     return self.rope(self.query_norm(q), positions)
 
   def keys_values(
@@ -478,6 +480,8 @@ class Attention(nn.Module):
       k = v = self.k_einsum('BSD,KDH->BSKH', x, streamed)
     else:
       k, v = self.kv_einsum('BSD,CKDH->CBSKH', x, streamed)
+    k = constrain(k, ('batch', 'length', 'kv_heads', None))
+    v = constrain(v, ('batch', 'length', 'kv_heads', None))
     k = self.rope(self.key_norm(k), positions)
     v = layers.rms_norm(v)
     return k, v
@@ -628,6 +632,8 @@ class Attention(nn.Module):
           positions, positions, self.config.sliding_window
       )
 
-    encoded = attend(q, k, v, mask)
+    encoded = constrain(
+        attend(q, k, v, mask), ('batch', 'length', 'heads', None)
+    )
     out = self.attn_vec_einsum('BTNH,NHD->BTD', encoded)
     return out, (k, v)

@@ -18,6 +18,8 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from gemma4_jax.parallel.rules import constrain
+
 RMS_NORM_EPS = 1e-6
 
 # Bytes of weight that `streamed_einsum` converts and multiplies per loop
@@ -481,4 +483,6 @@ class FeedForward(nn.Module):
     )
     gates = einsum('...D,CFD->...CF', x, gating)  # [..., 2, F]
     hidden = gelu_tanh(gates[..., 0, :]) * gates[..., 1, :]
+    if hidden.ndim == 3:
+      hidden = constrain(hidden, ('batch', 'length', 'mlp'))
     return einsum('...F,FD->...D', hidden, linear)

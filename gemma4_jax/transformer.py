@@ -34,6 +34,7 @@ from gemma4_jax.audio import merge as audio_merge
 from gemma4_jax import layers
 from gemma4_jax import moe as moe_lib
 from gemma4_jax.config import LOCAL, Gemma4Config
+from gemma4_jax.parallel.rules import constrain
 from gemma4_jax.sampling.cache import KVCache, LayerCache
 from gemma4_jax.vision import encoder as vision_lib
 from gemma4_jax.vision import merge as merge_lib
@@ -279,6 +280,22 @@ class Block(nn.Module):
     )
     out = self.after_attention(x, attn_out, per_layer_input, streamed=True)
     return out, new_cache, view
+
+
+# Logical axes of the residual stream [B, T, D]: rows split over the batch
+# axes, features whole on each device (the weights' `embed` axis is split
+# over fsdp, but activations take that axis for their rows).
+RESIDUAL_AXES = ('batch', 'length', None)
+
+
+def _constrain_inputs(x, per_layer_inputs):
+  """Pin the embedded tokens [B, T, D] and per-layer inputs [B, T, L, P]."""
+  x = constrain(x, RESIDUAL_AXES)
+  if per_layer_inputs is not None:
+    per_layer_inputs = constrain(
+        per_layer_inputs, ('batch', 'length', None, None)
+    )
+  return x, per_layer_inputs
 
 
 # Rematerialisation choices of `Transformer.remat`: the `jax.checkpoint`
@@ -593,6 +610,7 @@ class Transformer(nn.Module):
       )
 
     x, per_layer_inputs = self.embed(tokens, images, audio=audio)
+    x, per_layer_inputs = _constrain_inputs(x, per_layer_inputs)
 
     layer_kv = []
     for i, block in enumerate(self.blocks):
@@ -606,6 +624,7 @@ class Transformer(nn.Module):
           None if per_layer_inputs is None else per_layer_inputs[:, :, i],
           shared_kv,
       )
+      x = constrain(x, RESIDUAL_AXES)
       layer_kv.append(kv)
 
     x = self.final_norm(x)
@@ -617,7 +636,9 @@ class Transformer(nn.Module):
 
   def output_logits(self, x: jax.Array, streamed: bool = False) -> jax.Array:
     """Soft-capped logits [B, T, V] of final hidden states `x` [B, T, D]."""
-    logits = self.embedder.decode(x, streamed)
+    logits = constrain(
+        self.embedder.decode(x, streamed), ('batch', 'length', 'vocab')
+    )
     cap = self.config.final_logit_softcap
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
@@ -665,6 +686,7 @@ class Transformer(nn.Module):
     positions = cache.lengths[:, None] + jnp.maximum(offsets, 0)
 
     x, per_layer_inputs = self.embed(tokens, images, streamed=True, audio=audio)
+    x, per_layer_inputs = _constrain_inputs(x, per_layer_inputs)
     image_blocks = None
     if images is not None and cfg.vision_bidirectional:
       image_blocks = merge_lib.image_block_ids(tokens)
@@ -683,6 +705,7 @@ class Transformer(nn.Module):
           views[source] if source != i else None,
           image_blocks,
       )
+      x = constrain(x, RESIDUAL_AXES)
       new_layers.append(layer_cache)
       views.append(view)
 

@@ -10,6 +10,7 @@ official model.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,34 @@ MESHES = {
     'data=2,fsdp=2,tensor=2': {'data': 2, 'fsdp': 2, 'tensor': 2},
 }
 MOE_MESHES = {'expert=8': {'expert': 8}, 'data=2,expert=4': {'data': 2, 'expert': 4}}
+ALL_MESHES = {**MESHES, **MOE_MESHES}
+
+# Every small family on every mesh, and the MoE also on its expert meshes.
+# CI runs the cases each test lists; GEMMA4_JAX_PARALLEL_GRID=1 runs the
+# rest too (about half an hour on a 2-core CPU):
+#   GEMMA4_JAX_PARALLEL_GRID=1 bash scripts/test.sh tests/test_parallel_*.py
+FULL_GRID = os.environ.get('GEMMA4_JAX_PARALLEL_GRID') == '1'
+GRID = [
+    (family, mesh_name)
+    for family in ('e2b_like', 'e4b_like', '26b_a4b_like', '31b_like')
+    for mesh_name in MESHES
+] + [('26b_a4b_like', mesh_name) for mesh_name in MOE_MESHES]
+
+
+def grid_cases(ci_cases):
+  """`ci_cases`, then the rest of GRID, skipped unless FULL_GRID."""
+  rest = [
+      pytest.param(
+          *case,
+          marks=pytest.mark.skipif(
+              not FULL_GRID,
+              reason='full family x mesh grid: set GEMMA4_JAX_PARALLEL_GRID=1',
+          ),
+      )
+      for case in GRID
+      if case not in ci_cases
+  ]
+  return list(ci_cases) + rest
 
 
 def family_config(family: str):
@@ -75,6 +104,21 @@ def test_dense_shardings_follow_rules():
   assert layer['mlp']['linear'] == P('tensor', 'fsdp')
   assert specs['embedder']['input_embedding'] == P('tensor', 'fsdp')
   assert specs['final_norm']['scale'] == P(None)
+
+
+def test_per_layer_embeddings_split_over_fsdp():
+  # The largest array of E2B and E4B: [vocab, layers, ple] with its ple axis
+  # over the FSDP devices, and vocab over tensor.
+  cfg = family_config('e2b_like')
+  _, params = init_params(cfg)
+  mesh = mesh_lib.make_mesh({'fsdp': 4, 'tensor': 2})
+  placed = jax.device_put(params, rules.parameter_shardings(params, mesh))
+  table = placed['embedder']['per_layer_embeddings']
+  assert table.sharding.spec == P('tensor', None, 'fsdp')
+  rows, layers, width = table.shape
+  assert {shard.data.shape for shard in table.addressable_shards} == {
+      (rows // 2, layers, width // 4)
+  }
 
 
 def test_moe_experts_shard_over_expert_axis():
@@ -137,10 +181,12 @@ def forward_logits(model, params, tokens, mesh=None):
         tokens,
         rules.activation_sharding(('batch', 'length'), tokens.shape, mesh),
     )
-  out = jax.jit(lambda p, t: model.apply({'params': p}, t).logits)(
-      params, tokens
-  )
-  return np.asarray(out)
+  forward = jax.jit(lambda p, t: model.apply({'params': p}, t).logits)
+  if mesh is None:
+    return np.asarray(forward(params, tokens))
+  # The model's activations follow the rules while it traces.
+  with jax.set_mesh(mesh), rules.activation_rules(mesh):
+    return np.asarray(forward(params, tokens))
 
 
 # Every mesh for the dense flagship; the other families on the meshes that
@@ -158,14 +204,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('family,mesh_name', CASES)
+@pytest.mark.parametrize('family,mesh_name', grid_cases(CASES))
 def test_sharded_forward_matches_one_device(family, mesh_name):
   cfg = family_config(family)
   model, params = init_params(cfg)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (8, 24)), jnp.int32)
   expected = forward_logits(model, params, tokens)
-  shape = {**MESHES, **MOE_MESHES}[mesh_name]
+  shape = ALL_MESHES[mesh_name]
   ours = forward_logits(model, params, tokens, mesh_lib.make_mesh(shape))
   # Sharded products add in another order: float32 rounding differences
   # reach about 4e-5 of the largest logit (E2B-like on tensor=8).
@@ -211,7 +257,7 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize('family,mesh_name', STEP_CASES)
+@pytest.mark.parametrize('family,mesh_name', grid_cases(STEP_CASES))
 def test_sharded_train_step_matches_one_device(family, mesh_name):
   from gemma4_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -231,8 +277,7 @@ def test_sharded_train_step_matches_one_device(family, mesh_name):
     return state, jax.tree.map(float, metrics)
 
   expected_state, expected = run(None)
-  shape = {**MESHES, **MOE_MESHES}[mesh_name]
-  mesh = mesh_lib.make_mesh(shape)
+  mesh = mesh_lib.make_mesh(ALL_MESHES[mesh_name])
   state, metrics = run(mesh)
 
   assert abs(metrics['loss'] - expected['loss']) <= 1e-5 * expected['loss']

@@ -10,7 +10,9 @@ every mesh.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+import contextvars
 import math
 import re
 from typing import Any
@@ -32,7 +34,9 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ('head_dim', ()),
     ('length', ()),
     ('layers', ()),
-    ('ple', ()),
+    # The per-layer embedding table [vocab, layers, ple] is the largest
+    # array of E2B and E4B; its `ple` axis splits over FSDP devices.
+    ('ple', ('fsdp',)),
     ('norm', ()),
 )
 
@@ -175,6 +179,55 @@ def activation_sharding(
 ) -> NamedSharding:
   """NamedSharding of an activation or batch array with logical `axes`."""
   return NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
+
+
+# The mesh and rules that `constrain` applies, set by `activation_rules`.
+_ACTIVE_RULES: contextvars.ContextVar[
+    tuple[jax.sharding.Mesh, tuple[tuple[str, tuple[str, ...]], ...]] | None
+] = contextvars.ContextVar('gemma4_jax_activation_rules', default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(
+    mesh: jax.sharding.Mesh | None,
+    rules: Sequence[tuple[str, Sequence[str]]] = DEFAULT_RULES,
+) -> Iterator[None]:
+  """Make `constrain` pin activations to `rules` on `mesh` while active.
+
+  Enter it around the tracing of a step (the first call of a jitted
+  function): the constraints are recorded in the traced program. With
+  `mesh` None, `constrain` does nothing (single-device runs).
+  """
+  value = None
+  if mesh is not None:
+    value = (mesh, tuple((name, tuple(axes)) for name, axes in rules))
+  token = _ACTIVE_RULES.set(value)
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Pin activation `x`, whose dimensions are named `axes`, to its sharding.
+
+  The model calls this on the residual stream, attention heads, MLP units and
+  logits with logical names only. Outside `activation_rules` it returns `x`
+  unchanged. Dimensions that the rule's mesh axes do not divide stay
+  replicated, as for parameters.
+  """
+  active = _ACTIVE_RULES.get()
+  if active is None:
+    return x
+  if len(axes) != x.ndim:
+    raise ValueError(
+        f'constrain got {len(axes)} axis names {tuple(axes)} for an array of'
+        f' shape {x.shape}'
+    )
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, spec_for(x.shape, axes, mesh, rules))
+  )
 
 
 def rules_from_mapping(

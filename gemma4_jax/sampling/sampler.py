@@ -8,7 +8,6 @@ tokens or stop strings, and keeps the cache between chat turns.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -128,26 +127,17 @@ def make_steps(
 
   The cache argument is donated: its buffers are reused for the result.
 
-  With `mesh`, every step returns its cache with the shardings of
-  `parallel.placement.cache_shardings` (rows over the `batch` axes, KV heads
-  over `kv_heads`), so the cache keeps its layout from step to step; the
-  parameters and inputs come placed by `Sampler`.
+  With `mesh`, each step is jitted with explicit input and output shardings
+  from the logical-axis `rules`: parameters by `parallel.rules`, rows of
+  tokens, masks, logits and generated tokens over the `batch` axes, the
+  cache by `parallel.placement.cache_shardings` (rows over the `batch` axes,
+  KV heads over `kv_heads`) in and out, so it keeps its layout from step to
+  step; media and RNG keys replicated. Arguments are moved to those
+  shardings when they are elsewhere, and the model's activations follow the
+  rules (`parallel.rules.constrain`).
   """
-  constrain_cache = lambda cache: cache  # pylint: disable=unnecessary-lambda-assignment
-  if mesh is not None:
-    # Imported here: single-device sampling does not need the parallel code.
-    from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
-    from gemma4_jax.parallel import rules as rules_lib  # pylint: disable=g-import-not-at-top
-
-    rules = rules_lib.DEFAULT_RULES if rules is None else rules
-
-    def constrain_cache(cache):
-      return jax.lax.with_sharding_constraint(
-          cache, placement.cache_shardings(cache, mesh, rules)
-      )
-
   def run(params, tokens, input_mask, cache, mode, images=None, audio=None):
-    logits, cache = model.apply(
+    return model.apply(
         {'params': params},
         tokens,
         cache,
@@ -158,28 +148,22 @@ def make_steps(
         audio=audio,
         method=Transformer.cached,
     )
-    return logits, constrain_cache(cache)
 
-  prefill = jax.jit(
-      functools.partial(run, mode='fresh'), donate_argnames=('cache',)
-  )
-  extend = jax.jit(
-      functools.partial(run, mode='extend'), donate_argnames=('cache',)
-  )
+  def prefill_fn(params, tokens, input_mask, cache, images=None, audio=None):
+    return run(params, tokens, input_mask, cache, 'fresh', images, audio)
 
-  @functools.partial(jax.jit, donate_argnames=('cache',))
-  def decode(params, tokens, active, cache, rng):
+  def extend_fn(params, tokens, input_mask, cache, images=None, audio=None):
+    return run(params, tokens, input_mask, cache, 'extend', images, audio)
+
+  def decode_fn(params, tokens, active, cache, rng):
     logits, cache = run(
         params, tokens[:, None], active[:, None], cache, mode='extend'
     )
     return sample_tokens(logits, rng, sampling), logits, cache
 
-  @functools.partial(
-      jax.jit,
-      static_argnames=('max_new_tokens', 'stop_ids'),
-      donate_argnames=('cache',),
-  )
-  def decode_loop(params, first_tokens, cache, rng, max_new_tokens, stop_ids):
+  def decode_loop_fn(
+      params, first_tokens, cache, rng, max_new_tokens, stop_ids
+  ):
     """Generate `max_new_tokens` tokens in one compiled loop.
 
     `first_tokens` [B] are the tokens sampled from the prefill logits. Rows
@@ -200,7 +184,7 @@ def make_steps(
     def body(carry):
       step, tokens, out, active, cache, rng = carry
       rng, step_rng = jax.random.split(rng)
-      new_tokens, _, cache = decode(params, tokens, active, cache, step_rng)
+      new_tokens, _, cache = decode_fn(params, tokens, active, cache, step_rng)
       new_tokens = jnp.where(active, new_tokens, -1)
       out = out.at[:, step].set(new_tokens)
       active = active & ~jnp.isin(new_tokens, stops)
@@ -210,8 +194,112 @@ def make_steps(
     _, _, out, _, cache, _ = jax.lax.while_loop(cond, body, carry)
     return out, cache
 
+  if mesh is None:
+    chunk_steps = [
+        jax.jit(fn, donate_argnames=('cache',))
+        for fn in (prefill_fn, extend_fn, decode_fn)
+    ]
+    decode_loop = jax.jit(
+        decode_loop_fn,
+        static_argnames=('max_new_tokens', 'stop_ids'),
+        donate_argnames=('cache',),
+    )
+    return StepFunctions(*chunk_steps, decode_loop=decode_loop)
+
+  # Imported here: single-device sampling does not need the parallel code.
+  from gemma4_jax.parallel import placement  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.parallel import rules as rules_lib  # pylint: disable=g-import-not-at-top
+
+  rules = rules_lib.DEFAULT_RULES if rules is None else rules
+
+  def shardings(kind, tree):
+    if kind == 'params':
+      return placement.tree_shardings(tree, mesh, rules)
+    if kind == 'rows':
+      return placement.batch_shardings(tree, mesh, rules)
+    if kind == 'cache':
+      return placement.cache_shardings(tree, mesh, rules)
+    return jax.tree.map(lambda _: placement.replicated(mesh), tree)
+
+  def row_array(batch, *rest):
+    return jax.ShapeDtypeStruct((batch, *rest), jnp.float32)
+
+  def sharded(fn, in_kinds, out_shapes, static_argnames=()):
+    """Jit `fn` with the shardings of the rules for its argument kinds.
+
+    `in_kinds` names each positional argument 'params', 'rows' (leading
+    batch axis), 'cache' or 'replicated' (media, RNG keys). `out_shapes(args,
+    static)` gives (kind, shape tree) per output. The shardings depend on
+    the argument shapes, so each new shape compiles once. Arguments are put
+    where the shardings say (a no-op for arrays already there), and the
+    mesh and activation rules are set while the step traces and runs.
+    Positional arguments after those of `in_kinds` fill `static_argnames`.
+    """
+    compiled = {}
+
+    def call(*args, **static):
+      static.update(zip(static_argnames, args[len(in_kinds):]))
+      args = args[: len(in_kinds)]
+      key = (
+          jax.tree.structure(args),
+          tuple(getattr(x, 'shape', None) for x in jax.tree.leaves(args)),
+          tuple(sorted(static.items())),
+      )
+      if key not in compiled:
+        in_shardings = tuple(
+            shardings(kind, arg) for kind, arg in zip(in_kinds, args)
+        )
+        out_shardings = tuple(
+            shardings(kind, shape) for kind, shape in out_shapes(args, static)
+        )
+        compiled[key] = (
+            jax.jit(
+                functools.partial(fn, **static),
+                in_shardings=in_shardings,
+                out_shardings=out_shardings,
+                donate_argnums=in_kinds.index('cache'),
+            ),
+            in_shardings,
+        )
+      jitted, in_shardings = compiled[key]
+      args = jax.device_put(args, in_shardings)
+      with jax.set_mesh(mesh), rules_lib.activation_rules(mesh, rules):
+        return jitted(*args)
+
+    return call
+
+  vocab = model.config.vocab_size
+  chunk_kinds = ('params', 'rows', 'rows', 'cache', 'replicated', 'replicated')
+
+  def chunk_out(args, _):
+    return (('rows', row_array(args[1].shape[0], vocab)), ('cache', args[3]))
+
+  def decode_out(args, _):
+    batch = args[1].shape[0]
+    return (
+        ('rows', row_array(batch)),
+        ('rows', row_array(batch, vocab)),
+        ('cache', args[3]),
+    )
+
+  def decode_loop_out(args, static):
+    batch = args[1].shape[0]
+    return (
+        ('rows', row_array(batch, static['max_new_tokens'])),
+        ('cache', args[2]),
+    )
+
   return StepFunctions(
-      prefill=prefill, extend=extend, decode=decode, decode_loop=decode_loop
+      prefill=sharded(prefill_fn, chunk_kinds, chunk_out),
+      extend=sharded(extend_fn, chunk_kinds, chunk_out),
+      decode=sharded(
+          decode_fn, ('params', 'rows', 'rows', 'cache', 'replicated'),
+          decode_out,
+      ),
+      decode_loop=sharded(
+          decode_loop_fn, ('params', 'rows', 'cache', 'replicated'),
+          decode_loop_out, static_argnames=('max_new_tokens', 'stop_ids'),
+      ),
   )
 
 
@@ -486,10 +574,9 @@ class Sampler:
     )
     rng, step_rng = jax.random.split(jax.random.key(seed))
     first = sample_tokens(logits, step_rng, sampling)
-    with self._mesh_context():
-      out, cache = steps.decode_loop(
-          self.params, first, cache, rng, max_new_tokens, stop_ids
-      )
+    out, cache = steps.decode_loop(
+        self.params, first, cache, rng, max_new_tokens, stop_ids
+    )
     out = np.asarray(out)
 
     rows = [[int(t) for t in row if t >= 0] for row in out]
@@ -577,19 +664,12 @@ class Sampler:
 
     steps = self.steps(sampling)
     tokens, input_mask = self._place_rows(tokens, input_mask)
-    with self._mesh_context():
-      logits, cache = self._prefill(
-          steps, tokens, input_mask, batch, cache_length, state,
-          image_arrays, audio_arrays,
-      )
+    logits, cache = self._prefill(
+        steps, tokens, input_mask, batch, cache_length, state,
+        image_arrays, audio_arrays,
+    )
     stop_ids = tuple(self.default_stop_ids() if stop_ids is None else stop_ids)
     return logits, cache, stop_ids, steps
-
-  def _mesh_context(self):
-    """Set the sampler's mesh while steps trace and run (a no-op without)."""
-    if self.mesh is None:
-      return contextlib.nullcontext()
-    return jax.set_mesh(self.mesh)
 
   def _prefill(
       self, steps, tokens, input_mask, batch, cache_length, state,
@@ -604,8 +684,8 @@ class Sampler:
           tokens,
           input_mask,
           cache,
-          images=image_arrays,
-          audio=audio_arrays,
+          image_arrays,
+          audio_arrays,
       )
     else:
       logits, cache = steps.extend(
@@ -613,8 +693,8 @@ class Sampler:
           tokens,
           input_mask,
           state.cache,
-          images=image_arrays,
-          audio=audio_arrays,
+          image_arrays,
+          audio_arrays,
       )
     return logits, cache
 
@@ -780,14 +860,13 @@ class Sampler:
       if not active.any() or step == max_new_tokens - 1:
         break
       rng, step_rng = jax.random.split(rng)
-      with self._mesh_context():
-        new_tokens, _, cache = steps.decode(
-            self.params,
-            jnp.asarray(next_tokens),
-            jnp.asarray(feed),
-            cache,
-            step_rng,
-        )
+      new_tokens, _, cache = steps.decode(
+          self.params,
+          jnp.asarray(next_tokens),
+          jnp.asarray(feed),
+          cache,
+          step_rng,
+      )
       next_tokens = np.where(active, np.asarray(new_tokens), 0)
 
     # Each row's last token (a stop token or the last of max_new_tokens) was

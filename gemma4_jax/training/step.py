@@ -517,8 +517,9 @@ def _sharded(step_fn: Callable[..., Any], mesh, rules) -> Callable[..., Any]:
     fn, in_shardings = compiled[key]
     args = jax.device_put((state, batch) + base, in_shardings)
     # The mesh is also set while the step traces, for code that needs it by
-    # name (the expert-parallel MoE's `shard_map`).
-    with jax.set_mesh(mesh):
+    # name (the expert-parallel MoE's `shard_map`), and the model's
+    # activations follow the rules.
+    with jax.set_mesh(mesh), rules_lib.activation_rules(mesh, rules):
       return fn(*args)
 
   return call
