@@ -43,7 +43,7 @@ ALL_MESHES = {**MESHES, **MOE_MESHES}
 
 # Every small family on every mesh, and the MoE also on its expert meshes.
 # CI runs the cases each test lists; GEMMA4_JAX_PARALLEL_GRID=1 runs the
-# rest too (about half an hour on a 2-core CPU):
+# rest too (45 minutes on one core of the 2-core CPU, 2026-12-05):
 #   GEMMA4_JAX_PARALLEL_GRID=1 bash scripts/test.sh tests/test_parallel_*.py
 FULL_GRID = os.environ.get('GEMMA4_JAX_PARALLEL_GRID') == '1'
 GRID = [
