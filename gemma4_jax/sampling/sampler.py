@@ -222,6 +222,7 @@ def make_steps(
     return jax.tree.map(lambda _: placement.replicated(mesh), tree)
 
   def row_array(batch, *rest):
+    # Only the shape matters: it picks the sharding of a row-split output.
     return jax.ShapeDtypeStruct((batch, *rest), jnp.float32)
 
   def sharded(fn, in_kinds, out_shapes, static_argnames=()):
@@ -230,8 +231,8 @@ def make_steps(
     `in_kinds` names each positional argument 'params', 'rows' (leading
     batch axis), 'cache' or 'replicated' (media, RNG keys). `out_shapes(args,
     static)` gives (kind, shape tree) per output. The shardings depend on
-    the argument shapes, so each new shape compiles once. Arguments are put
-    where the shardings say (a no-op for arrays already there), and the
+    the argument shapes, so each new shape compiles once. Arguments are
+    moved to their shardings (a no-op for arrays already placed), and the
     mesh and activation rules are set while the step traces and runs.
     Positional arguments after those of `in_kinds` fill `static_argnames`.
     """
